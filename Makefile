@@ -1,0 +1,53 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv when missing and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU build of torch is installed only when the venv has no torch at all.
+# GPU users: `make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>" install`, or install torch first.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv install install-dev demo test test-all lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/ih-circuits demo
+
+test: install-dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install-dev
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+lint: install-dev
+	$(PY) -m ruff check ih_circuits tests benchmarks examples
+	$(PY) -m ruff format --check ih_circuits tests benchmarks examples
+
+bench: install
+	$(PY) benchmarks/bench_data.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,47 @@
+"""ih_circuits: generalized induction heads (Chen, Sheen, Wang, Yang, NeurIPS 2024) as a TransformerLens tool.
+
+Data and Bayes baselines (``NGramTask``, ``bayes_predictive``, ``gih_predictive``), the selection theory
+(``ih_circuits.theory``), the paper's two-layer model as a TransformerLens ``HookedRootModule``, training,
+probes and views. See README.md for the tour.
+"""
+
+from ih_circuits import theory
+from ih_circuits.predictors import (
+    ModelAveraging,
+    accuracy,
+    bayes_predictive,
+    candidate_parent_sets,
+    gih_predictive,
+    kl_divergence,
+    last_position_nll,
+    model_averaging,
+    model_averaging_predictive,
+    next_token_nll,
+    oracle_predictive,
+    unigram_predictive,
+)
+from ih_circuits.priors import DirichletPrior, KernelPrior
+from ih_circuits.task import NGramBatch, NGramTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DirichletPrior",
+    "KernelPrior",
+    "ModelAveraging",
+    "NGramBatch",
+    "NGramTask",
+    "__version__",
+    "accuracy",
+    "bayes_predictive",
+    "candidate_parent_sets",
+    "gih_predictive",
+    "kl_divergence",
+    "last_position_nll",
+    "model_averaging",
+    "model_averaging_predictive",
+    "next_token_nll",
+    "oracle_predictive",
+    "theory",
+    "unigram_predictive",
+]

@@ -1,0 +1,257 @@
+"""The in-context n-gram task of PAPER.md §1: every sequence has its own parent-set Markov kernel.
+
+For each sequence a kernel pi is drawn from the prior (one row pi(.|z) per parent history z), the first
+max(pa) tokens are uniform (or drawn from the chain's stationary law), and afterwards
+x_t ~ pi(. | x_{t-s}, s in pa). ``seq_len`` counts every token, the final target included: the paper's
+T = 100 context tokens plus the target x_{T+1} is ``seq_len=101``.
+
+Sampling is vectorised over the batch with a single loop over positions (a Markov chain must be rolled
+forward), and all random numbers are drawn up front from one generator, so a seed fixes the tokens on
+every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ih_circuits.chain import digit_table, stationary_window_law, validate_lags
+from ih_circuits.priors import DirichletPrior, KernelPrior, prior_from_dict
+
+Init = Literal["uniform", "stationary"]
+
+
+def make_generator(seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:
+    """One random stream: from ``generator`` if given, else a CPU generator seeded with ``seed``.
+
+    With neither, a fresh nondeterministic seed is used. Giving both is an error.
+    """
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if generator is not None:
+        return generator
+    fresh = torch.Generator()
+    if seed is None:
+        fresh.seed()
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+        fresh.manual_seed(seed)
+    return fresh
+
+
+@dataclass
+class NGramBatch:
+    """Sequences and the kernels that generated them.
+
+    Attributes:
+        tokens: ``[batch, seq_len]`` token ids in 0..d-1.
+        kernels: ``[batch, d^|pa|, d]``; ``kernels[b, z, e] = pi_b(e | z)`` with z coded as in
+            ``ih_circuits.chain`` (smallest lag most significant).
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    kernels: Float[Tensor, "batch history d_vocab"]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: int | slice | Tensor) -> NGramBatch:
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return NGramBatch(self.tokens[index], self.kernels[index])
+
+    def to(self, device: torch.device | str) -> NGramBatch:
+        return NGramBatch(self.tokens.to(device), self.kernels.to(device))
+
+    def minibatches(self, batch_size: int, *, seed: int | None = None, shuffle: bool = True) -> Iterator[NGramBatch]:
+        """One epoch over the batch in chunks of ``batch_size`` (the last may be shorter), shuffled by ``seed``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        n = len(self)
+        if shuffle:
+            order = torch.randperm(n, generator=make_generator(seed)).to(self.tokens.device)
+        else:
+            order = torch.arange(n, device=self.tokens.device)
+        for start in range(0, n, batch_size):
+            yield self[order[start : start + batch_size]]
+
+
+@dataclass(frozen=True)
+class NGramTask:
+    """In-context learning of a parent-set Markov chain (PAPER.md §1).
+
+    Args:
+        vocab_size: d >= 2.
+        parents: the parent lags pa, any set of positive integers, e.g. ``(1, 2)`` or ``(1, 3)``.
+        seq_len: tokens per sequence including the final target; at least max(pa) + 1.
+        alpha: Dirichlet concentration of the kernel rows (> 0); ignored when ``prior`` is given.
+        window: the lags 1..M a model (and the theory) considers; defaults to max(pa), must be >= max(pa).
+        init: ``"uniform"`` (the paper: first max(pa) tokens i.i.d. uniform) or ``"stationary"``
+            (first max(pa) tokens from the chain's stationary law, so every position is stationary).
+        prior: a ``KernelPrior``; defaults to ``DirichletPrior(alpha)``.
+
+    >>> task = NGramTask(vocab_size=3, parents=(1, 2), seq_len=101, alpha=0.1)
+    >>> batch = task.sample(4, seed=0)
+    >>> tuple(batch.tokens.shape), tuple(batch.kernels.shape)
+    ((4, 101), (4, 9, 3))
+    """
+
+    vocab_size: int
+    parents: Sequence[int]
+    seq_len: int
+    alpha: float = 0.1
+    window: int | None = None
+    init: str = "uniform"
+    prior: KernelPrior | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be an integer >= 2; got {self.vocab_size!r}")
+        parents = validate_lags(self.parents, "parents")
+        object.__setattr__(self, "parents", parents)
+        order = max(parents, default=0)
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < order + 1:
+            raise ValueError(
+                f"seq_len must be an integer >= max(parents) + 1 = {order + 1} (one token drawn from the kernel); "
+                f"got {self.seq_len!r}"
+            )
+        if self.prior is None:
+            object.__setattr__(self, "prior", DirichletPrior(self.alpha))
+        elif not isinstance(self.prior, KernelPrior):
+            raise ValueError(f"prior must provide sample_rows, predictive and to_dict; got {type(self.prior).__name__}")
+        window = order if self.window is None else self.window
+        if isinstance(window, bool) or not isinstance(window, int) or window < max(order, 1):
+            raise ValueError(f"window must be an integer >= max(parents) = {order} and >= 1; got {self.window!r}")
+        object.__setattr__(self, "window", window)
+        if self.init not in ("uniform", "stationary"):
+            raise ValueError(f"init must be 'uniform' or 'stationary'; got {self.init!r}")
+
+    @property
+    def order(self) -> int:
+        """max(pa): how many leading tokens have no complete parent history."""
+        return max(self.parents, default=0)
+
+    @property
+    def n_histories(self) -> int:
+        """d^|pa|, the number of kernel rows."""
+        return self.vocab_size ** len(self.parents)
+
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> NGramBatch:
+        """Draw ``batch_size`` sequences, each with its own kernel.
+
+        The same ``seed`` gives the same tokens and kernels on any device: random numbers come from one
+        generator (CPU for ``seed``; the generator's own device otherwise) and are then moved to ``device``.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        gen = make_generator(seed, generator)
+        device = torch.device(device) if device is not None else gen.device
+        d = self.vocab_size
+        kernels = self.prior.sample_rows(batch_size, self.n_histories, d, gen, torch.float32).to(device)
+        uniforms = torch.rand(self.seq_len, batch_size, generator=gen, device=gen.device).to(device)
+        start = min(self.order, self.seq_len)
+        # Tokens are rolled forward position-major in int8 (contiguous columns), then laid out as [batch, pos].
+        small = torch.int8 if d <= 127 else torch.int64
+        tokens = torch.empty(self.seq_len, batch_size, dtype=small, device=device)
+        if self.init == "uniform" or start == 0:
+            tokens[:start] = (uniforms[:start] * d).clamp_max(d - 1).to(small)
+        else:
+            law = stationary_window_law(kernels, self.parents, d, start).float()
+            state = torch.searchsorted(law.cumsum(-1), uniforms[0, :, None].contiguous())
+            tokens[:start] = digit_table(start, d, device)[state[:, 0].clamp_max(law.shape[1] - 1)].T.to(small)
+        # Inverse-CDF draws: x_t = #{cuts of pi(.|z) below u_t}; only the d-1 inner cuts are compared.
+        cuts = einops.rearrange(kernels.cumsum(-1)[..., :-1], "batch history cut -> (batch history) cut")
+        row_base = torch.arange(batch_size, device=device) * self.n_histories
+        rows = torch.empty_like(row_base)
+        for t in range(start, self.seq_len):
+            rows.copy_(row_base)
+            for i, lag in enumerate(self.parents):
+                rows.add_(tokens[t - lag], alpha=d ** (len(self.parents) - 1 - i))
+            tokens[t] = (uniforms[t, :, None] > cuts.index_select(0, rows)).sum(-1, dtype=small)
+        tokens = einops.rearrange(tokens, "pos batch -> batch pos").contiguous().long()
+        return NGramBatch(tokens, kernels)
+
+    def fixed_dataset(self, n_sequences: int, *, seed: int = 0, device: torch.device | str | None = None) -> NGramBatch:
+        """A fixed set of sequences for fixed-data experiments (the authors' setting, PAPER.md §8).
+
+        Iterate over it with ``dataset.minibatches(batch_size, seed=epoch)``.
+        """
+        return self.sample(n_sequences, seed=seed, device=device)
+
+    def check_tokens(self, tokens: Tensor, name: str = "tokens") -> None:
+        """Raise ``ValueError`` unless ``tokens`` is an integer ``[batch, pos]`` tensor in 0..d-1."""
+        check_tokens(tokens, self.vocab_size, name)
+
+    def bayes_predictive(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        """Posterior predictive with the true parents and this task's prior (``predictors.bayes_predictive``)."""
+        from ih_circuits.predictors import bayes_predictive
+
+        return bayes_predictive(tokens, self.parents, prior=self.prior, d_vocab=self.vocab_size)
+
+    def oracle_predictive(self, batch: NGramBatch) -> Float[Tensor, "batch pos d_vocab"]:
+        """The true next-token law given each sequence's own kernel (and this task's ``init``)."""
+        from ih_circuits.predictors import oracle_predictive
+
+        start_law = None
+        if self.init == "stationary" and self.order > 0:
+            start_law = stationary_window_law(batch.kernels, self.parents, self.vocab_size, self.order)
+        return oracle_predictive(batch.tokens, batch.kernels, self.parents, start_law=start_law)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native description; ``NGramTask.from_dict`` inverts it."""
+        return {
+            "vocab_size": self.vocab_size,
+            "parents": list(self.parents),
+            "seq_len": self.seq_len,
+            "alpha": self.alpha,
+            "window": self.window,
+            "init": self.init,
+            "prior": self.prior.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NGramTask:
+        allowed = {"vocab_size", "parents", "seq_len", "alpha", "window", "init", "prior"}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"unknown NGramTask keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        values = dict(data)
+        values["parents"] = tuple(values["parents"])
+        if "prior" in values:
+            values["prior"] = prior_from_dict(values["prior"])
+        return cls(**values)
+
+
+def check_tokens(tokens: Tensor, d_vocab: int | None, name: str = "tokens") -> int:
+    """Validate a token batch before any computation; return the vocabulary size used.
+
+    ``d_vocab=None`` infers d as max(tokens) + 1 (pass it whenever a token may be absent).
+    """
+    if not isinstance(tokens, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of token ids; got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype; got {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, pos]; got {tuple(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{name} must be non-empty; got shape {tuple(tokens.shape)}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if d_vocab is None:
+        d_vocab = max(high + 1, 2)
+    if low < 0 or high >= d_vocab:
+        raise ValueError(f"{name} must be integers in [0, d_vocab={d_vocab}); got min {low}, max {high}")
+    return d_vocab

@@ -1,0 +1,17 @@
+"""The public surface: what README documents is importable, and nothing heavy loads on import."""
+
+import subprocess
+import sys
+
+import ih_circuits
+
+
+def test_all_names_resolve():
+    for name in ih_circuits.__all__:
+        assert getattr(ih_circuits, name) is not None, name
+
+
+def test_import_does_not_load_plotting_libraries():
+    code = "import sys, ih_circuits; print(any(m in sys.modules for m in ('matplotlib', 'circuitsvis')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
