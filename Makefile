@@ -43,8 +43,8 @@ test-all: install-dev
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: install-dev
-	$(PY) -m ruff check ih_circuits tests benchmarks examples
-	$(PY) -m ruff format --check ih_circuits tests benchmarks examples
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: install
 	$(PY) benchmarks/bench_data.py
