@@ -6,6 +6,7 @@ probes and views. See README.md for the tour.
 """
 
 from ih_circuits import theory
+from ih_circuits.model import IHConfig, IHTransformer, ideal_model
 from ih_circuits.predictors import (
     ModelAveraging,
     accuracy,
@@ -27,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DirichletPrior",
+    "IHConfig",
+    "IHTransformer",
     "KernelPrior",
     "ModelAveraging",
     "NGramBatch",
@@ -36,6 +39,7 @@ __all__ = [
     "bayes_predictive",
     "candidate_parent_sets",
     "gih_predictive",
+    "ideal_model",
     "kl_divergence",
     "last_position_nll",
     "model_averaging",

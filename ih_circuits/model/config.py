@@ -1,0 +1,154 @@
+"""``IHConfig``: the paper's two-layer model (PAPER.md §2), validated on construction, exact JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import torch
+from transformer_lens.config import TransformerLensConfig
+
+COPIERS = ("positional", "full")
+LAYOUTS = ("shared", "staggered")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _check_real(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+
+
+@dataclass(frozen=True)
+class IHConfig:
+    """Configuration of ``IHTransformer``.
+
+    Attributes:
+        d_vocab: vocabulary size d (>= 2).
+        n_ctx: longest token sequence the model accepts (the paper: 100 context tokens + target = 101).
+        n_heads: number of copier heads H (>= 1).
+        window: relative-position window M: each head attends to M lags.
+        max_degree: largest head subset D in the selector (0..n_heads); subsets of size <= D, the empty one
+            included, each get a coefficient c_S.
+        copier: ``"positional"`` (the simplified model the theory analyses: logits depend on the lag only,
+            L2 normalisation) or ``"full"`` (plus token-dependent logits, a value map per head and a
+            LayerNorm).
+        layout: ``"shared"`` (every head sees lags 1..M, PAPER.md §2) or ``"staggered"`` (head h sees lags
+            h+1..h+M, the authors' code, PAPER.md §8).
+        w_plus, w_minus: initial position logits: head h starts at w_plus on its own lag (lag h+1 for the
+            0-based head h; the first slot of its window when staggered) and w_minus elsewhere.
+        c_init: initial value of every selector coefficient c_S.
+        a_init: initial classifier scale a.
+        seed: seeds the random part of the initialisation (the full copier's token weights).
+        prob_floor: eps in p_out = (1 - eps) p + eps / d, which keeps log-probabilities finite for tokens
+            absent from the context (0 disables it).
+        device, dtype: where and in which precision the parameters live (``"float32"`` or ``"float64"``).
+
+    >>> cfg = IHConfig(d_vocab=3, n_ctx=101, n_heads=3, window=3, max_degree=2)
+    >>> len(cfg.subsets), cfg.subsets[:4]
+    (7, [(), (0,), (1,), (2,)])
+    """
+
+    d_vocab: int = 3
+    n_ctx: int = 101
+    n_heads: int = 3
+    window: int = 3
+    max_degree: int = 2
+    copier: str = "positional"
+    layout: str = "shared"
+    w_plus: float = 3.0
+    w_minus: float = 0.1
+    c_init: float = 0.01
+    a_init: float = 0.01
+    seed: int = 0
+    prob_floor: float = 1e-6
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_int("d_vocab", self.d_vocab, 2)
+        _check_int("n_ctx", self.n_ctx, 2)
+        _check_int("n_heads", self.n_heads, 1)
+        _check_int("window", self.window, 1)
+        _check_int("seed", self.seed, 0)
+        if isinstance(self.max_degree, bool) or not isinstance(self.max_degree, int):
+            raise ValueError(f"max_degree must be an integer in 0..n_heads={self.n_heads}; got {self.max_degree!r}")
+        if not 0 <= self.max_degree <= self.n_heads:
+            raise ValueError(f"max_degree must be in 0..n_heads={self.n_heads}; got {self.max_degree}")
+        if self.copier not in COPIERS:
+            raise ValueError(f"copier must be one of {COPIERS}; got {self.copier!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}; got {self.layout!r}")
+        for name in ("w_plus", "w_minus", "c_init", "a_init"):
+            _check_real(name, getattr(self, name))
+        _check_real("prob_floor", self.prob_floor)
+        if not 0 <= self.prob_floor < 1:
+            raise ValueError(f"prob_floor must be in [0, 1); got {self.prob_floor}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}; got {self.dtype!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be a device string such as 'cpu' or 'cuda'; got {self.device!r}")
+
+    @property
+    def subsets(self) -> list[tuple[int, ...]]:
+        """Head subsets with |S| <= max_degree, by size then lexicographically; index i is c[i]."""
+        heads = range(self.n_heads)
+        return [s for size in range(self.max_degree + 1) for s in combinations(heads, size)]
+
+    @property
+    def lag_table(self) -> list[list[int]]:
+        """``lag_table[h][m]``: the lag that head h's m-th position weight reads."""
+        offset = (lambda h: h) if self.layout == "staggered" else (lambda h: 0)
+        return [[offset(h) + m + 1 for m in range(self.window)] for h in range(self.n_heads)]
+
+    @property
+    def max_lag(self) -> int:
+        return max(max(row) for row in self.lag_table)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IHConfig:
+        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"unknown IHConfig keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> IHConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_transformer_lens(self) -> TransformerLensConfig:
+        """The TransformerLens view that TL utilities read (``model.cfg``).
+
+        Two layers; ``n_heads`` is the copier's H (the classifier layer has one head, so sweep it with an
+        explicit ``index_df``); one head's output lives in R^d, so ``d_head = d_vocab`` and
+        ``d_model = n_heads * d_vocab``.
+        """
+        return TransformerLensConfig(
+            d_model=self.n_heads * self.d_vocab,
+            d_head=self.d_vocab,
+            n_layers=2,
+            n_ctx=self.n_ctx,
+            n_heads=self.n_heads,
+            d_mlp=len(self.subsets),
+            d_vocab=self.d_vocab,
+            device=self.device,
+            attn_only=False,
+            normalization_type=None,
+            positional_embedding_type="relative",
+            dtype=self.torch_dtype,
+        )

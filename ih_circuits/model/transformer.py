@@ -1,0 +1,305 @@
+"""``IHTransformer``: the paper's two-attention-layer model as a TransformerLens ``HookedRootModule``.
+
+Layout (one position per input token, as TransformerLens's patching sweeps assume): position t is the
+query slot for token t+1. Row t of the output is log p(x_{t+1} | x_0..x_t); the last row of a sequence
+that ends in its target is unused, and row T-2 is the paper's query prediction.
+
+    tokens ─ hook_embed (one-hot) ─┬─ blocks.0.attn  copier: v_h(t) = copies of x_{t+1-s} ── hook_result
+                                   │                                                           │
+                                   │  blocks.0.mlp  selector: K(t, j) = Σ_S c_S² Π_h<v_h(t),v_h(j)> / Σ c²
+                                   │                                                           │
+                                   └─ blocks.1.attn classifier: softmax_j<t(a K(t, j)) · onehot(x_{j+1})
+                                                                                   └─ hook_log_probs
+
+Without hooks the forward takes a fast path: the positional copier is a sum over lag-shifted tokens
+(its pattern is the same for every sequence) and the paper's last-position loss evaluates layer 2 at the
+query row only. With any hook attached (``run_with_hooks``, ``run_with_cache``, patching) every
+activation is built at every position and passed through its hook, so edits are honoured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, overload
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from ih_circuits.chain import validate_lags
+from ih_circuits.model.classifier import Classifier
+from ih_circuits.model.config import IHConfig
+from ih_circuits.model.copier import Copier, Lookup
+from ih_circuits.model.selector import Selector
+
+LogProbs = Float[Tensor, "batch pos d_vocab"]
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class CopierSelectorBlock(nn.Module):
+    """Block 0: ``attn`` is the copier, ``mlp`` the selector."""
+
+    def __init__(self, cfg: IHConfig) -> None:
+        super().__init__()
+        self.attn = Copier(cfg)
+        self.mlp = Selector(cfg)
+
+
+class ClassifierBlock(nn.Module):
+    """Block 1: ``attn`` is the classifier."""
+
+    def __init__(self, cfg: IHConfig) -> None:
+        super().__init__()
+        self.attn = Classifier(cfg)
+
+
+class IHTransformer(HookedRootModule):
+    """The copier-selector-classifier model of PAPER.md §2, hookable with TransformerLens.
+
+    ``model.config`` is the ``IHConfig``; ``model.cfg`` the TransformerLens view TL utilities read.
+
+    >>> model = IHTransformer(IHConfig(d_vocab=3, n_ctx=8, n_heads=2, window=2, max_degree=2))
+    >>> model(torch.tensor([[0, 1, 2, 0, 1]])).shape
+    torch.Size([1, 5, 3])
+    """
+
+    def __init__(self, cfg: IHConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, IHConfig):
+            raise ValueError(f"cfg must be an IHConfig; got {type(cfg).__name__}")
+        self.config = cfg
+        self.cfg = cfg.to_transformer_lens()
+        self.hook_embed = HookPoint()  # [batch, pos, d_vocab]
+        self.blocks = nn.ModuleList([CopierSelectorBlock(cfg), ClassifierBlock(cfg)])
+        self.hook_log_probs = HookPoint()  # [batch, pos, d_vocab]
+        self.setup()
+
+    @property
+    def copier(self) -> Copier:
+        return self.blocks[0].attn
+
+    @property
+    def selector(self) -> Selector:
+        return self.blocks[0].mlp
+
+    @property
+    def classifier(self) -> Classifier:
+        return self.blocks[1].attn
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        """Raise ``ValueError`` unless ``tokens`` is an integer [batch, pos] tensor the model accepts."""
+        if not isinstance(tokens, Tensor):
+            raise ValueError(f"tokens must be a torch.Tensor; got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must have an integer dtype; got {tokens.dtype}")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [batch, pos]; got {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be non-empty; got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.config.n_ctx:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions but the model allows n_ctx={self.config.n_ctx}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.config.d_vocab:
+            raise ValueError(
+                f"tokens must be integers in [0, d_vocab={self.config.d_vocab}); got min {low}, max {high}"
+            )
+
+    def run_with_cache(self, *model_args, remove_batch_dim: bool = False, **kwargs) -> tuple[Tensor, ActivationCache]:
+        """``HookedRootModule.run_with_cache`` with the activations in a TransformerLens ``ActivationCache``."""
+        output, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    def _hooked(self) -> bool:
+        return any(hp._forward_hooks or hp._backward_hooks for hp in self.hook_dict.values())
+
+    @overload
+    def forward(
+        self, tokens: Int[Tensor, "batch pos"], return_type: Literal["log_probs"] = ..., loss_positions: str = ...
+    ) -> LogProbs: ...
+
+    @overload
+    def forward(
+        self, tokens: Int[Tensor, "batch pos"], return_type: Literal["loss"], loss_positions: str = ...
+    ) -> Float[Tensor, ""]: ...
+
+    def forward(
+        self, tokens: Int[Tensor, "batch pos"], return_type: str = "log_probs", loss_positions: str = "last"
+    ) -> Tensor:
+        """Log-probabilities ``[batch, pos, d_vocab]`` (row t predicts token t+1), or the mean NLL.
+
+        Args:
+            tokens: ``[batch, pos]`` ids in 0..d-1, pos <= n_ctx.
+            return_type: ``"log_probs"`` or ``"loss"``.
+            loss_positions: for the loss, ``"last"`` (the paper: predict tokens[:, -1] from tokens[:, :-1])
+                or ``"all"`` (every next-token prediction, each from its strict past).
+        """
+        if return_type not in ("log_probs", "loss"):
+            raise ValueError(f"return_type must be 'log_probs' or 'loss'; got {return_type!r}")
+        if loss_positions not in ("last", "all"):
+            raise ValueError(f"loss_positions must be 'last' or 'all'; got {loss_positions!r}")
+        self.check_tokens(tokens)
+        if return_type == "log_probs":
+            return self.log_probs_at(tokens, "all")
+        if tokens.shape[1] < 2:
+            raise ValueError(f"the loss needs at least 2 positions (context and target); got {tokens.shape[1]}")
+        log_probs = self.log_probs_at(tokens, loss_positions)
+        targets = tokens[:, -1:] if loss_positions == "last" else tokens[:, 1:]
+        chosen = log_probs[:, -targets.shape[1] :] if loss_positions == "last" else log_probs[:, :-1]
+        return -chosen.gather(-1, targets[..., None].to(chosen.device)).mean()
+
+    def log_probs_at(
+        self, tokens: Int[Tensor, "batch pos"], positions: str = "all"
+    ) -> Float[Tensor, "batch query_pos d_vocab"]:
+        """Log-probabilities at every row (``"all"``), or only at the query row T-2 (``"last"``, shape [batch, 1, d]).
+
+        ``"last"`` evaluates layer 2 at one row when no hook is attached (the paper's objective needs only
+        the query row); with hooks the whole model runs and the row is sliced out.
+        """
+        self.check_tokens(tokens)
+        device = self.copier.w_pos.device
+        tokens = tokens.to(device)
+        n_pos = tokens.shape[1]
+        dense = self._hooked()
+        embed = self.hook_embed(F.one_hot(tokens.long(), self.config.d_vocab).to(self.copier.w_pos.dtype))
+        if positions == "last" and not dense:
+            rows = torch.tensor([n_pos - 2], device=device)
+            if self.copier.supports_token_codes:
+                kernel = self._query_kernel_from_codes(tokens.long(), n_pos - 2)
+            else:
+                features = self.copier(embed, dense)
+                kernel = self.selector(features[:, rows], features)
+        else:
+            rows = torch.arange(n_pos, device=device)
+            features = self.copier(embed, dense)
+            kernel = self.selector(features, features)
+        log_probs = self.classifier(kernel, embed, rows)
+        if rows.shape[0] == n_pos:
+            log_probs = self.hook_log_probs(log_probs)
+            if positions == "last":
+                log_probs = log_probs[:, n_pos - 2 : n_pos - 1]
+        return log_probs
+
+    def _query_kernel_from_codes(self, tokens: Int[Tensor, "batch pos"], row: int) -> Float[Tensor, "batch 1 pos"]:
+        """K(row, j) for every key j as a lookup: the selector applied once to the copier's similarity table.
+
+        G_h(row, j) depends on the tokens only through a small integer code (``Copier.token_codes``), so
+        K = sum_S shares_S prod_h G_h is tabulated over all codes (a few hundred thousand entries, built from
+        the parameters) and read with one gather per key; its gradient is a per-code sum.
+        """
+        codes = self.copier.token_codes(tokens, row)
+        table = self.copier.similarity_table()
+        as_batch = einops.rearrange(table, "q c k h -> (q c) h 1 k")
+        kernel_table = einops.rearrange(self.selector.combine(as_batch), "qc 1 k -> (qc k) 1")
+        return einops.rearrange(Lookup.apply(kernel_table, codes), "batch key 1 -> batch 1 key")
+
+    def to_tokens(self, sequence: str | list[int] | list[list[int]] | Tensor) -> Int[Tensor, "batch pos"]:
+        """Token ids ``[batch, pos]`` from a digit string ("0121"), a space-separated string, or ids."""
+        if isinstance(sequence, str):
+            parts = sequence.split() if " " in sequence.strip() else list(sequence.strip())
+            try:
+                ids = [int(p) for p in parts]
+            except ValueError as error:
+                raise ValueError(
+                    f"sequence must contain token ids 0..{self.config.d_vocab - 1}; got {sequence!r}"
+                ) from error
+            tokens = torch.tensor([ids], dtype=torch.long)
+        else:
+            tokens = torch.as_tensor(sequence, dtype=torch.long)
+            if tokens.ndim == 1:
+                tokens = tokens[None]
+        self.check_tokens(tokens)
+        return tokens.to(self.copier.w_pos.device)
+
+    def copier_weights(self) -> Float[Tensor, "head lag"]:
+        """softmax(w_h) as ``[n_heads, window]``: row h = head h, column m = its m-th lag (lag m+1 when shared)."""
+        return self.copier.weights().detach()
+
+    def selector_shares(self) -> dict[tuple[int, ...], float]:
+        """c_S^2 / sum c^2 for every head subset S (sorted tuple of 0-based heads)."""
+        shares = self.selector.shares().detach().cpu().tolist()
+        return dict(zip(self.config.subsets, shares, strict=True))
+
+    def classifier_scale(self) -> float:
+        """The classifier scale a."""
+        return float(self.classifier.a.detach())
+
+    def head_lags(self) -> list[int]:
+        """The lag each copier head attends to most."""
+        table = self.config.lag_table
+        return [table[h][m] for h, m in enumerate(self.copier_weights().argmax(-1).tolist())]
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if missing)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS_FILE)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | None = None) -> IHTransformer:
+        """Load a ``save_pretrained`` directory; a weight that does not fit the config is an error."""
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise ValueError(f"{directory} is not an IHTransformer checkpoint: {name} is missing")
+        cfg = IHConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        if device is not None:
+            cfg = cfg.replace(device=device)
+        model = cls(cfg)
+        weights = load_file(directory / WEIGHTS_FILE)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint weights do not match the config: missing {missing}, unexpected {unexpected}")
+        for name, tensor in weights.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"checkpoint parameter {name} has shape {tuple(tensor.shape)} but the config needs "
+                    f"{tuple(expected[name].shape)}"
+                )
+        model.load_state_dict(weights)
+        return model
+
+
+def ideal_model(cfg: IHConfig, lags: tuple[int, ...] = (1, 2), a: float = 5.0) -> IHTransformer:
+    """The limiting model of PAPER.md §4: head i copies exactly ``lags[i]``, the selector sits on those heads.
+
+    Its query output equals ``gih_predictive(tokens, lags, a)`` (up to ``prob_floor``). Exactness comes from
+    a position logit of 1e4 on the copied lag (softmax puts exactly 0 elsewhere in float32/64).
+
+    >>> model = ideal_model(IHConfig(d_vocab=3, n_ctx=12, n_heads=3, window=3, max_degree=2), lags=(1, 3), a=4.0)
+    >>> model.head_lags()[:2], model.selector_shares()[(0, 1)]
+    ([1, 3], 1.0)
+    """
+    lags = validate_lags(lags, "lags")
+    if cfg.copier != "positional":
+        raise ValueError(f"ideal_model needs copier='positional' (the model the theory analyses); got {cfg.copier!r}")
+    if not lags:
+        raise ValueError("lags must contain at least one lag")
+    if len(lags) > cfg.n_heads or len(lags) > cfg.max_degree:
+        raise ValueError(
+            f"lags {lags} need {len(lags)} heads and max_degree >= {len(lags)}; "
+            f"the config has n_heads={cfg.n_heads}, max_degree={cfg.max_degree}"
+        )
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not abs(a) < float("inf"):
+        raise ValueError(f"a must be a finite number; got {a!r}")
+    model = IHTransformer(cfg)
+    table = cfg.lag_table
+    with torch.no_grad():
+        for head, lag in enumerate(lags):
+            if lag not in table[head]:
+                raise ValueError(f"lag {lag} is outside head {head}'s window {table[head]}")
+            model.copier.w_pos[head].zero_()
+            model.copier.w_pos[head, table[head].index(lag)] = 1e4
+        model.selector.c.zero_()
+        model.selector.c[cfg.subsets.index(tuple(range(len(lags))))] = 1.0
+        model.classifier.a.fill_(float(a))
+    return model

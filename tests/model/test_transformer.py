@@ -1,0 +1,210 @@
+"""IHTransformer against closed forms: the GIH formula, the subset kernel, and its own dense path."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ih_circuits import IHConfig, IHTransformer, gih_predictive, ideal_model
+from tests.model.helpers import random_tokens, randomized, tiny_config
+
+
+@pytest.mark.parametrize("lags", [(1,), (1, 2), (1, 3)], ids=lambda p: f"lags={p}")
+@pytest.mark.parametrize("a", [2.0, 30.0])
+def test_ideal_model_equals_the_gih_formula(lags, a):
+    tokens = random_tokens(6, 24, seed=1)
+    model = ideal_model(tiny_config(), lags=lags, a=a)
+    expected = gih_predictive(tokens, lags, a, d_vocab=3)
+    # The only difference is the documented floor: p_out = (1 - eps) p + eps / d, eps = 1e-6.
+    assert torch.allclose(model(tokens).exp(), expected, atol=2e-6)
+
+
+def test_ideal_model_at_large_a_is_the_conditional_frequency():
+    tokens = random_tokens(6, 24, seed=2)
+    model = ideal_model(tiny_config(), lags=(1, 2), a=60.0)
+    assert torch.allclose(model(tokens).exp(), gih_predictive(tokens, (1, 2), math.inf, d_vocab=3), atol=2e-6)
+
+
+def test_selector_kernel_equals_normalised_kronecker_features():
+    """K(i, j) = <phi_i, phi_j> / sum c^2 with phi = concat_S c_S (kron_{h in S} v_h), built explicitly."""
+    model = randomized(IHTransformer(tiny_config(n_ctx=8)), seed=3)
+    tokens = random_tokens(2, 8, seed=3)
+    _, cache = model.run_with_cache(tokens)
+    features = cache["blocks.0.attn.hook_result"]  # [batch, pos, head, d]
+    c = model.selector.c.detach()
+    blocks = []
+    for coefficient, subset in zip(c, model.config.subsets, strict=True):
+        phi = torch.ones(2, 8, 1)
+        for head in subset:
+            phi = torch.einsum("bpi,bpj->bpij", phi, features[:, :, head]).flatten(2)
+        blocks.append(coefficient * phi)
+    phi = torch.cat(blocks, dim=-1)
+    expected = torch.einsum("bif,bjf->bij", phi, phi) / c.square().sum()
+    assert torch.allclose(cache["blocks.0.mlp.hook_kernel"], expected, atol=1e-5)
+
+
+CONFIGS = [
+    tiny_config(),
+    tiny_config(window=2, max_degree=1),
+    tiny_config(layout="staggered", n_heads=2, window=3, max_degree=2),
+    tiny_config(copier="full"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.copier}-{c.layout}-M{c.window}")
+def test_fast_path_equals_dense_path(cfg):
+    """Without hooks the model takes shortcuts; with a no-op hook it builds everything. Same numbers."""
+    model = randomized(IHTransformer(cfg), seed=4)
+    tokens = random_tokens(5, 20, seed=4)
+    noop = [("hook_embed", lambda x, hook: None)]
+    for kwargs in ({}, {"return_type": "loss"}, {"return_type": "loss", "loss_positions": "all"}):
+        fast = model(tokens, **kwargs)
+        dense = model.run_with_hooks(tokens, fwd_hooks=noop, **kwargs)
+        assert torch.allclose(fast, dense, atol=1e-5), kwargs
+
+
+def test_losses_are_the_mean_nll_of_the_right_rows():
+    model = randomized(IHTransformer(tiny_config()), seed=5)
+    tokens = random_tokens(4, 20, seed=5)
+    log_probs = model(tokens)
+    last = -log_probs[:, -2].gather(1, tokens[:, -1:]).mean()
+    every = -log_probs[:, :-1].gather(2, tokens[:, 1:, None]).mean()
+    assert torch.allclose(model(tokens, return_type="loss"), last, atol=1e-6)
+    assert torch.allclose(model(tokens, return_type="loss", loss_positions="all"), every, atol=1e-6)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(4, 20), atol=1e-5)
+
+
+def test_first_row_is_uniform_and_missing_lags_read_zeros():
+    model = ideal_model(tiny_config(), lags=(1, 3), a=5.0)
+    tokens = random_tokens(3, 10, seed=6)
+    assert torch.allclose(model(tokens)[:, 0].exp(), torch.full((3, 3), 1 / 3), atol=1e-6)
+    _, cache = model.run_with_cache(tokens)
+    copied = cache["blocks.0.attn.hook_result"]
+    assert torch.equal(copied[:, :2, 1], torch.zeros(3, 2, 3))  # head 1 copies lag 3: nothing before t = 2
+    assert torch.equal(copied[:, 2:, 1], torch.nn.functional.one_hot(tokens[:, :-2], 3).float())
+
+
+@pytest.mark.parametrize("objective", ["last", "all"])
+def test_gradients_are_finite_for_extreme_parameters(objective):
+    model = IHTransformer(tiny_config())
+    with torch.no_grad():
+        model.classifier.a.fill_(1e4)
+        model.selector.c.zero_()
+        model.selector.c[4] = 1.0
+        model.copier.w_pos.copy_(torch.tensor([[50.0, -50.0, -50.0], [-50.0, 50.0, -50.0], [50.0, 50.0, -50.0]]))
+    tokens = random_tokens(8, 24, seed=7)
+    loss = model(tokens, return_type="loss", loss_positions=objective)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter.grad).all(), name
+
+
+def test_all_zero_selector_gives_uniform_attention_not_nan():
+    model = IHTransformer(tiny_config())
+    with torch.no_grad():
+        model.selector.c.zero_()
+    tokens = random_tokens(2, 12, seed=8)
+    out = model(tokens)
+    assert torch.isfinite(out).all()
+
+
+def test_full_variant_trains_a_step():
+    model = IHTransformer(tiny_config(copier="full"))
+    tokens = random_tokens(16, 24, seed=9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = model(tokens, return_type="loss")
+    before.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer.step()
+    assert model(tokens, return_type="loss") < before
+
+
+def test_accessors_speak_paper_terms():
+    model = IHTransformer(IHConfig())
+    weights = model.copier_weights()
+    assert weights.shape == (3, 3) and torch.allclose(weights.sum(-1), torch.ones(3))
+    assert model.head_lags() == [1, 2, 3]
+    shares = model.selector_shares()
+    assert list(shares) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
+    assert sum(shares.values()) == pytest.approx(1.0) and shares[(0, 1)] == pytest.approx(1 / 7)
+    assert model.classifier_scale() == pytest.approx(0.01)
+
+
+def test_checkpoint_round_trips_bit_exactly(tmp_path):
+    model = randomized(IHTransformer(tiny_config(copier="full")), seed=10)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = IHTransformer.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    tokens = random_tokens(3, 24, seed=10)
+    assert torch.equal(model(tokens), loaded(tokens))
+
+
+def test_checkpoint_with_mismatched_config_is_refused(tmp_path):
+    IHTransformer(tiny_config(window=3)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["window"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"blocks.0.attn.w_pos has shape \(3, 3\) but the config needs \(3, 2\)"):
+        IHTransformer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="config.json is missing"):
+        IHTransformer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    cfg = tiny_config(copier="full", layout="staggered", dtype="float64")
+    assert IHConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown IHConfig keys"):
+        IHConfig.from_dict({**cfg.to_dict(), "lr": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"d_vocab": 1}, "d_vocab"),
+        ({"max_degree": 5}, r"max_degree must be in 0..n_heads=3; got 5"),
+        ({"copier": "mlp"}, "copier"),
+        ({"layout": "diagonal"}, "layout"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"window": 0}, "window"),
+        ({"prob_floor": 1.0}, "prob_floor"),
+        ({"a_init": float("nan")}, "a_init"),
+    ],
+)
+def test_bad_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**kwargs)
+
+
+@pytest.mark.usefixtures("without_runtime_typecheck")
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (torch.zeros(2, 5), "integer dtype"),
+        (torch.zeros(5, dtype=torch.long), r"\[batch, pos\]"),
+        (torch.full((2, 5), 3), r"\[0, d_vocab=3\)"),
+        (torch.zeros(2, 25, dtype=torch.long), "n_ctx=24"),
+    ],
+)
+def test_bad_tokens_raise_value_error(tokens, message):
+    model = IHTransformer(tiny_config())
+    with pytest.raises(ValueError, match=message):
+        model(tokens)
+
+
+def test_bad_return_type():
+    model = IHTransformer(tiny_config())
+    with pytest.raises(ValueError, match="return_type"):
+        model(random_tokens(1, 5), return_type="logits")
+    with pytest.raises(ValueError, match="loss_positions"):
+        model(random_tokens(1, 5), return_type="loss", loss_positions="first")
+
+
+def test_ideal_model_validates_lags():
+    with pytest.raises(ValueError, match="outside head"):
+        ideal_model(tiny_config(window=2), lags=(1, 3))
+    with pytest.raises(ValueError, match="max_degree"):
+        ideal_model(tiny_config(max_degree=1), lags=(1, 2))
