@@ -23,6 +23,7 @@ from ih_circuits.predictors import (
 )
 from ih_circuits.priors import DirichletPrior, KernelPrior
 from ih_circuits.task import NGramBatch, NGramTask
+from ih_circuits.training import PRESETS, Stage, TrainConfig, TrainingRun, train, train_preset
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,10 @@ __all__ = [
     "ModelAveraging",
     "NGramBatch",
     "NGramTask",
+    "PRESETS",
+    "Stage",
+    "TrainConfig",
+    "TrainingRun",
     "__version__",
     "accuracy",
     "bayes_predictive",
@@ -47,5 +52,7 @@ __all__ = [
     "next_token_nll",
     "oracle_predictive",
     "theory",
+    "train",
+    "train_preset",
     "unigram_predictive",
 ]

@@ -1,0 +1,570 @@
+"""Training the paper's model (and ordinary TransformerLens models) on the n-gram task (PAPER.md §3, §7).
+
+A run is a list of stages. Each stage names the parameter groups it moves (``"copier_position"``,
+``"copier_token"``, ``"selector"``, ``"classifier"`` or ``"all"``), its optimizer, learning rate and number
+of steps; the paper's three-stage analysis is C -> W -> a, its experiments train everything jointly.
+
+Data: by default every step draws fresh sequences, seeded by (run seed, step), so a run is deterministic on
+CPU and a resumed run continues exactly where an uninterrupted one would be. ``data="fixed"`` reuses one
+fixed set for epochs (the authors' setting). Loss: the true log-loss -log p(target) (default) or the
+authors' ``"legacy"`` loss, which feeds the output probability vector through a second softmax
+cross-entropy (PAPER.md §8). Objective: ``"last"`` (the paper: only the token after the context) or
+``"all"`` (every position from its strict past).
+
+Every ``record_every`` steps the run records, on a fixed evaluation batch: the loss, the excess loss over
+the Bayes predictor, the classifier scale a, the selector shares per subset, the copier weights, the
+leading subset (and the lags its heads copy), and the theory's predicted subset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ih_circuits.model import IHConfig, IHTransformer
+from ih_circuits.predictors import last_position_nll, next_token_nll
+from ih_circuits.task import NGramTask
+from ih_circuits.theory import predicted_parent_set
+
+GROUPS = ("copier_position", "copier_token", "selector", "classifier", "all")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def derive_seed(seed: int, *purpose: object) -> int:
+    """An independent 63-bit seed for one purpose (data at a step, evaluation, ...) of a run seed."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *purpose))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of training.
+
+    Attributes:
+        groups: parameter groups that move; the rest stay frozen.
+        steps: optimizer steps in this stage (>= 0).
+        lr: learning rate (> 0).
+        optimizer: ``"sgd"`` (plain gradient descent, the paper's) or ``"adam"``.
+        name: a label for the history table.
+    """
+
+    groups: tuple[str, ...] = ("all",)
+    steps: int = 100
+    lr: float = 1.0
+    optimizer: str = "sgd"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(self.groups))
+        if not self.groups or any(g not in GROUPS for g in self.groups):
+            raise ValueError(f"groups must be a non-empty subset of {GROUPS}; got {self.groups!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0; got {self.steps!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: stages, data, objective and bookkeeping.
+
+    Attributes:
+        stages: the stages, run in order.
+        batch_size: sequences per step.
+        objective: ``"last"`` (the paper's) or ``"all"``.
+        loss: ``"log"`` (true log-loss) or ``"legacy"`` (the authors' double softmax, PAPER.md §8).
+        data: ``"fresh"`` (new sequences every step) or ``"fixed"`` (``dataset_size`` sequences, epochs).
+        dataset_size: size of the fixed set.
+        eval_size: sequences in the fixed evaluation batch.
+        record_every: record the trajectory every this many steps (and at the first and last step).
+        seed: one seed; data, evaluation and shuffling streams are derived from it.
+        device: where training runs.
+    """
+
+    stages: tuple[Stage, ...] = (Stage(),)
+    batch_size: int = 1024
+    objective: str = "last"
+    loss: str = "log"
+    data: str = "fresh"
+    dataset_size: int = 10_000
+    eval_size: int = 2048
+    record_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages or not all(isinstance(s, Stage) for s in self.stages):
+            raise ValueError("stages must be a non-empty sequence of Stage")
+        for name in ("batch_size", "dataset_size", "eval_size", "record_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if self.objective not in ("last", "all"):
+            raise ValueError(f"objective must be 'last' or 'all'; got {self.objective!r}")
+        if self.loss not in ("log", "legacy"):
+            raise ValueError(f"loss must be 'log' or 'legacy'; got {self.loss!r}")
+        if self.data not in ("fresh", "fixed"):
+            raise ValueError(f"data must be 'fresh' or 'fixed'; got {self.data!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0; got {self.seed!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stages"] = [asdict(stage) for stage in self.stages]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        allowed = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        values = dict(data)
+        values["stages"] = tuple(Stage(**{**s, "groups": tuple(s["groups"])}) for s in data.get("stages", []))
+        return cls(**values)
+
+
+def legacy_loss(probs: Float[Tensor, "batch d_vocab"], targets: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+    """The authors' loss: cross-entropy of softmax(p), i.e. -p_y + log sum_e exp(p_e) (PAPER.md §8).
+
+    Its values are not log-losses and never reach 0: with p one-hot on the target it is log(1 + (d-1)/e).
+    """
+    return F.cross_entropy(probs, targets, reduction="none")
+
+
+def parameter_groups(model: nn.Module, groups: Sequence[str]) -> list[nn.Parameter]:
+    """The parameters a stage moves. Groups other than ``"all"`` need an ``IHTransformer``."""
+    if "all" in groups:
+        return list(model.parameters())
+    if not isinstance(model, IHTransformer):
+        raise ValueError(f"parameter groups {tuple(groups)} exist only for IHTransformer; use groups=('all',)")
+    copier = model.copier
+    table = {
+        "copier_position": [copier.w_pos],
+        "copier_token": [copier.W_QK, copier.W_V] if model.config.copier == "full" else [],
+        "selector": [model.selector.c],
+        "classifier": [model.classifier.a],
+    }
+    chosen = [p for g in groups for p in table[g]]
+    if not chosen:
+        raise ValueError(f"groups {tuple(groups)} select no parameters of this model (copier={model.config.copier!r})")
+    return chosen
+
+
+def log_probs_at(model: nn.Module, tokens: Int[Tensor, "batch pos"], positions: str) -> Tensor:
+    """Log-probabilities of the next token: rows 0..T-1 (``"all"``) or the query row T-2 only (``"last"``).
+
+    ``IHTransformer`` evaluates the query row alone; any other model (an ordinary TransformerLens model
+    returning logits) runs in full and is sliced.
+    """
+    if isinstance(model, IHTransformer):
+        return model.log_probs_at(tokens, positions)
+    log_probs = torch.log_softmax(model(tokens), dim=-1)
+    return log_probs[:, -2:-1] if positions == "last" else log_probs
+
+
+def objective_loss(model: nn.Module, tokens: Int[Tensor, "batch pos"], objective: str, loss: str) -> Tensor:
+    """Mean training loss over the supervised rows."""
+    log_probs = log_probs_at(model, tokens, objective)
+    rows = log_probs if objective == "last" else log_probs[:, :-1]
+    targets = tokens[:, -1:] if objective == "last" else tokens[:, 1:]
+    if loss == "legacy":
+        return legacy_loss(rows.exp().flatten(0, 1), targets.flatten()).mean()
+    return -rows.gather(-1, targets[..., None]).mean()
+
+
+def subset_column(subset: tuple[int, ...]) -> str:
+    """History column of a selector subset: ``share[0,1]`` (heads, 0-based); ``share[]`` is the empty set."""
+    return "share[" + ",".join(map(str, subset)) + "]"
+
+
+@dataclass
+class TrainingRun:
+    """A model, its task, how it was trained, and the recorded trajectory.
+
+    Attributes:
+        model, task, config: what was trained, on what, and how.
+        history: one row per recorded step (columns ``step, stage, loss, eval_loss, bayes_loss,
+            excess_loss, a, leading_subset, leading_lags, predicted_lags``, one ``share[...]`` column per
+            selector subset and ``w[h,m]`` copier weights) for ``IHTransformer``; loss columns only
+            otherwise.
+        step: optimizer steps taken so far.
+        interrupted: whether training stopped on KeyboardInterrupt.
+        predicted_lags: the theory's predicted parent set for the task (argmax I~, |S| <= D).
+    """
+
+    model: nn.Module
+    task: NGramTask
+    config: TrainConfig
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    step: int = 0
+    interrupted: bool = False
+    predicted_lags: tuple[int, ...] | None = None
+    optimizer_state: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        last = self.history.iloc[-1] if len(self.history) else None
+        summary = "" if last is None else f", loss={last['eval_loss']:.4f}, excess={last['excess_loss']:.4f}"
+        lead = "" if last is None or "leading_lags" not in last else f", leading lags={last['leading_lags']}"
+        return (
+            f"TrainingRun(step={self.step}/{self.config.total_steps}{summary}{lead}, "
+            f"parents={self.task.parents}, predicted={self.predicted_lags}, interrupted={self.interrupted})"
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.config.total_steps
+
+    def resume(self, *, quiet: bool = False, callback: Callable[[TrainingRun], None] | None = None) -> TrainingRun:
+        """Continue the planned stages from ``step`` (after an interrupt or a reload)."""
+        return _run(self, quiet=quiet, callback=callback)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model checkpoint, task, training config, history and optimizer state to ``directory``."""
+        if not isinstance(self.model, IHTransformer):
+            raise ValueError("TrainingRun.save supports IHTransformer runs; save other models with their own tools")
+        directory = Path(directory)
+        self.model.save_pretrained(directory / "model")
+        meta = {
+            "task": self.task.to_dict(),
+            "train_config": self.config.to_dict(),
+            "step": self.step,
+            "interrupted": self.interrupted,
+            "predicted_lags": None if self.predicted_lags is None else list(self.predicted_lags),
+        }
+        (directory / "run.json").write_text(json.dumps(meta, indent=2))
+        self.history.to_csv(directory / "history.csv", index=False)
+        if self.optimizer_state is not None:
+            torch.save(self.optimizer_state, directory / "optimizer.pt")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TrainingRun:
+        """Inverse of ``save``."""
+        directory = Path(directory)
+        if not (directory / "run.json").is_file():
+            raise ValueError(f"{directory} is not a saved TrainingRun: run.json is missing")
+        meta = json.loads((directory / "run.json").read_text())
+        history = pd.read_csv(directory / "history.csv") if (directory / "history.csv").stat().st_size > 1 else None
+        optimizer_path = directory / "optimizer.pt"
+        return cls(
+            model=IHTransformer.from_pretrained(directory / "model"),
+            task=NGramTask.from_dict(meta["task"]),
+            config=TrainConfig.from_dict(meta["train_config"]),
+            history=history if history is not None else pd.DataFrame(),
+            step=meta["step"],
+            interrupted=meta["interrupted"],
+            predicted_lags=None if meta["predicted_lags"] is None else tuple(meta["predicted_lags"]),
+            optimizer_state=torch.load(optimizer_path, weights_only=True) if optimizer_path.is_file() else None,
+        )
+
+
+class _Evaluator:
+    """The fixed evaluation batch, its Bayes loss, and the trajectory row of a model at a step."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        cfg = run.config
+        self.run = run
+        batch = run.task.sample(cfg.eval_size, seed=derive_seed(cfg.seed, "eval"), device=cfg.device)
+        self.tokens = batch.tokens
+        bayes = run.task.bayes_predictive(self.tokens)
+        nll = last_position_nll(bayes, self.tokens) if cfg.objective == "last" else next_token_nll(bayes, self.tokens)
+        self.bayes_loss = float(nll.mean())
+
+    @torch.no_grad()
+    def row(self, step: int, stage: str, train_loss: float) -> dict[str, Any]:
+        run, model = self.run, self.run.model
+        eval_loss = float(objective_loss(model, self.tokens, run.config.objective, "log"))
+        row: dict[str, Any] = {
+            "step": step,
+            "stage": stage,
+            "loss": train_loss,
+            "eval_loss": eval_loss,
+            "bayes_loss": self.bayes_loss,
+            "excess_loss": eval_loss - self.bayes_loss,
+        }
+        if isinstance(model, IHTransformer):
+            shares = model.selector_shares()
+            leading = max(shares, key=shares.get)
+            head_lags = model.head_lags()
+            row["a"] = model.classifier_scale()
+            row["leading_subset"] = str(leading)
+            row["leading_lags"] = str(tuple(sorted(head_lags[h] for h in leading)))
+            row["predicted_lags"] = str(run.predicted_lags)
+            row.update({subset_column(s): v for s, v in shares.items()})
+            weights = model.copier_weights().cpu()
+            for h in range(weights.shape[0]):
+                row.update({f"w[{h},{m}]": float(weights[h, m]) for m in range(weights.shape[1])})
+        return row
+
+
+def _batches(run: TrainingRun) -> Callable[[int], Tensor]:
+    """Tokens for a global step: fresh (seeded by step) or the fixed set's next minibatch."""
+    cfg, task = run.config, run.task
+    if cfg.data == "fresh":
+        return lambda step: (
+            task.sample(cfg.batch_size, seed=derive_seed(cfg.seed, "data", step), device=cfg.device).tokens
+        )
+    dataset = task.fixed_dataset(cfg.dataset_size, seed=derive_seed(cfg.seed, "dataset"), device=cfg.device)
+    per_epoch = math.ceil(cfg.dataset_size / cfg.batch_size)
+
+    def fixed(step: int) -> Tensor:
+        epoch, index = divmod(step, per_epoch)
+        order = torch.randperm(
+            cfg.dataset_size, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "epoch", epoch))
+        )
+        chosen = order[index * cfg.batch_size : (index + 1) * cfg.batch_size].to(dataset.tokens.device)
+        return dataset.tokens[chosen]
+
+    return fixed
+
+
+def _make_optimizer(stage: Stage, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if stage.optimizer == "adam":
+        return torch.optim.Adam(params, lr=stage.lr)
+    return torch.optim.SGD(params, lr=stage.lr)
+
+
+def _stage_at(config: TrainConfig, step: int) -> tuple[int, Stage, int]:
+    """(stage index, stage, first global step of that stage) for a global step."""
+    start = 0
+    for index, stage in enumerate(config.stages):
+        if step < start + stage.steps:
+            return index, stage, start
+        start += stage.steps
+    return len(config.stages) - 1, config.stages[-1], start - config.stages[-1].steps
+
+
+def _run(run: TrainingRun, *, quiet: bool, callback: Callable[[TrainingRun], None] | None) -> TrainingRun:
+    from tqdm.auto import tqdm
+
+    cfg, model = run.config, run.model
+    model.to(cfg.device)
+    model.train()
+    evaluator = _Evaluator(run)
+    batch_at = _batches(run)
+    rows = run.history.to_dict("records") if len(run.history) else []
+    progress = tqdm(total=cfg.total_steps, initial=run.step, disable=quiet, desc="train", dynamic_ncols=True)
+    optimizer, optimizer_stage = None, None
+    run.interrupted = False
+    try:
+        if not rows:
+            rows.append(evaluator.row(0, cfg.stages[0].name or "stage 0", float("nan")))
+        while run.step < cfg.total_steps:
+            index, stage, _ = _stage_at(cfg, run.step)
+            if optimizer_stage != index:
+                params = parameter_groups(model, stage.groups)
+                moving = {id(p) for p in params}
+                for p in model.parameters():
+                    p.requires_grad_(id(p) in moving)
+                optimizer, optimizer_stage = _make_optimizer(stage, params), index
+                if run.optimizer_state is not None and run.optimizer_state.get("stage") == index:
+                    optimizer.load_state_dict(run.optimizer_state["state"])
+            tokens = batch_at(run.step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective_loss(model, tokens, cfg.objective, cfg.loss)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {run.step}")
+            loss.backward()
+            optimizer.step()
+            run.step += 1
+            run.optimizer_state = {"stage": index, "state": optimizer.state_dict()}
+            if run.step % cfg.record_every == 0 or run.step == cfg.total_steps:
+                rows.append(evaluator.row(run.step, stage.name or f"stage {index}", float(loss.detach())))
+                latest = rows[-1]
+                progress.set_postfix(
+                    loss=f"{latest['eval_loss']:.4f}",
+                    excess=f"{latest['excess_loss']:.4f}",
+                    **({"lead": latest["leading_lags"], "a": f"{latest['a']:.2f}"} if "a" in latest else {}),
+                )
+            progress.update(1)
+            if callback is not None:
+                callback(run)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    finally:
+        progress.close()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        run.history = pd.DataFrame(rows)
+    return run
+
+
+def train(
+    model: nn.Module,
+    task: NGramTask,
+    config: TrainConfig,
+    *,
+    quiet: bool = False,
+    callback: Callable[[TrainingRun], None] | None = None,
+) -> TrainingRun:
+    """Train ``model`` on ``task`` as ``config`` says and return the run with its recorded trajectory.
+
+    Works for ``IHTransformer`` (any parameter groups) and for any module mapping tokens to next-token
+    logits ``[batch, pos, d_vocab]``, such as the ordinary TransformerLens baseline (groups ``("all",)``).
+    Ctrl-C stops training and returns what was recorded (``run.interrupted``); ``run.resume()`` goes on.
+    ``callback(run)`` is called after every step.
+    """
+    if not isinstance(task, NGramTask):
+        raise ValueError(f"task must be an NGramTask; got {type(task).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig; got {type(config).__name__}")
+    predicted = None
+    if isinstance(model, IHTransformer):
+        cfg = model.config
+        if cfg.d_vocab != task.vocab_size:
+            raise ValueError(f"model d_vocab={cfg.d_vocab} but task vocab_size={task.vocab_size}")
+        if task.seq_len > cfg.n_ctx:
+            raise ValueError(f"task seq_len={task.seq_len} exceeds the model's n_ctx={cfg.n_ctx}")
+        predicted = predicted_parent_set(
+            vocab_size=task.vocab_size,
+            parents=task.parents,
+            alpha=task.alpha,
+            window=max(cfg.max_lag, task.order),
+            max_degree=cfg.max_degree,
+            n_kernels=1000,
+            seed=derive_seed(config.seed, "theory") % 2**31,
+        )
+    for stage in config.stages:
+        parameter_groups(model, stage.groups)
+    run = TrainingRun(model=model, task=task, config=config, predicted_lags=predicted)
+    return _run(run, quiet=quiet, callback=callback)
+
+
+PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def _preset(name: str, description: str, model: dict[str, Any], stages: list[Stage], **train_fields: Any) -> None:
+    PRESETS[name] = {"description": description, "model": model, "stages": stages, "train": train_fields}
+
+
+_preset(
+    "cwa",
+    "Joint training of the simplified model (PAPER.md §7, first bullet): all parameters, plain SGD.",
+    {},
+    [Stage(("all",), steps=300, lr=1.0, name="CWa")],
+)
+_preset(
+    "c_w_a",
+    "Three-stage training as the theory analyses it (PAPER.md §3): selector C, then copier W, then a.",
+    {},
+    [
+        Stage(("selector",), steps=150, lr=1.0, name="C"),
+        Stage(("copier_position",), steps=100, lr=1.0, name="W"),
+        Stage(("classifier",), steps=100, lr=1.0, name="a"),
+    ],
+)
+_preset(
+    "c_w_a_d3",
+    "Three-stage training with D = 3: the superset {1,2,3} rises, then loses to {1,2} (PAPER.md §7).",
+    {"max_degree": 3},
+    [
+        Stage(("selector",), steps=100, lr=1.0, name="C"),
+        Stage(("copier_position",), steps=100, lr=1.0, name="W"),
+        Stage(("classifier",), steps=100, lr=1.0, name="a"),
+    ],
+    record_every=2,
+)
+_preset(
+    "cw_a",
+    "Copier and selector together, then the classifier scale.",
+    {},
+    [
+        Stage(("copier_position", "selector"), steps=200, lr=1.0, name="CW"),
+        Stage(("classifier",), steps=100, lr=1.0, name="a"),
+    ],
+)
+_preset(
+    "full",
+    "The full (token-dependent) variant trained jointly with a smaller learning rate (PAPER.md §7).",
+    {"copier": "full"},
+    [Stage(("all",), steps=300, lr=0.3, name="full")],
+)
+
+_TASK_KEYS = {"vocab_size", "parents", "seq_len", "alpha", "init"}
+_MODEL_KEYS = {f for f in IHConfig.__dataclass_fields__} - {"d_vocab", "n_ctx", "device"}
+_TRAIN_KEYS = {"batch_size", "objective", "loss", "data", "dataset_size", "eval_size", "record_every", "device"}
+_STAGE_KEYS = {"lr", "optimizer", "steps"}
+
+
+def _split_steps(stages: list[Stage], total: int) -> list[int]:
+    """Scale the stages' steps to add up to ``total`` (largest-remainder rounding)."""
+    if isinstance(total, bool) or not isinstance(total, int) or total < len(stages):
+        raise ValueError(f"steps must be an integer >= {len(stages)} (one per stage); got {total!r}")
+    planned = sum(s.steps for s in stages)
+    exact = [s.steps * total / planned for s in stages]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(stages)), key=lambda i: counts[i] - exact[i])
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def preset_parts(name: str, *, seed: int = 0, **overrides: Any) -> tuple[IHTransformer, NGramTask, TrainConfig]:
+    """The model, task and training config of a preset, with overrides routed to where they belong.
+
+    Task: ``vocab_size, parents, seq_len, alpha, init``; model: any ``IHConfig`` field (``window``,
+    ``n_heads``, ``max_degree``, ``w_plus``, ...); training: ``batch_size, objective, loss, data,
+    dataset_size, eval_size, record_every, device``; every stage: ``lr``, ``optimizer``; ``steps`` scales
+    the stages so that they add up to that many steps.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    known = _TASK_KEYS | _MODEL_KEYS | _TRAIN_KEYS | _STAGE_KEYS
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown overrides {sorted(unknown)} for preset {name!r}; allowed: {sorted(known)}")
+    preset = PRESETS[name]
+    task_values = {"vocab_size": 3, "parents": (1, 2), "seq_len": 101, "alpha": 0.1}
+    task_values.update({k: v for k, v in overrides.items() if k in _TASK_KEYS})
+    model_values = {"n_heads": 3, "window": 3, "max_degree": 2, **preset["model"]}
+    model_values.update({k: v for k, v in overrides.items() if k in _MODEL_KEYS})
+    model_values["seed"] = model_values.get("seed", seed)
+    task_values["parents"] = tuple(task_values["parents"])
+    window = model_values["window"]
+    task = NGramTask(window=max(window, max(task_values["parents"], default=1)), **task_values)
+    device = overrides.get("device", "cpu")
+    cfg = IHConfig(d_vocab=task.vocab_size, n_ctx=task.seq_len, device=device, **model_values)
+    stages = list(preset["stages"])
+    if "steps" in overrides:
+        stages = [replace(s, steps=n) for s, n in zip(stages, _split_steps(stages, overrides["steps"]), strict=True)]
+    stage_changes = {k: overrides[k] for k in ("lr", "optimizer") if k in overrides}
+    stages = [replace(s, **stage_changes) for s in stages]
+    train_values = {"batch_size": 2048, **preset["train"]}
+    train_values.update({k: v for k, v in overrides.items() if k in _TRAIN_KEYS})
+    return IHTransformer(cfg), task, TrainConfig(stages=tuple(stages), seed=seed, **train_values)
+
+
+def train_preset(
+    name: str,
+    *,
+    seed: int = 0,
+    quiet: bool = False,
+    callback: Callable[[TrainingRun], None] | None = None,
+    **overrides: Any,
+) -> TrainingRun:
+    """Train one of the paper's runs by name: ``"cwa"``, ``"c_w_a"``, ``"c_w_a_d3"``, ``"cw_a"``, ``"full"``.
+
+    See ``PRESETS[name]["description"]`` and ``preset_parts`` for what can be overridden.
+    """
+    model, task, config = preset_parts(name, seed=seed, **overrides)
+    return train(model, task, config, quiet=quiet, callback=callback)

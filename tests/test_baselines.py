@@ -1,0 +1,65 @@
+"""The ordinary TransformerLens baseline: built offline, hookable, trainable by the same trainer."""
+
+import pytest
+import torch
+from transformer_lens import ActivationCache
+
+from ih_circuits import NGramTask, last_position_nll, next_token_nll, unigram_predictive
+from ih_circuits.baselines import ordinary_transformer, train_ordinary_transformer
+from ih_circuits.training import Stage, TrainConfig, train
+
+
+@pytest.fixture
+def task():
+    return NGramTask(vocab_size=3, parents=(1, 2), seq_len=41, alpha=0.1, window=3)
+
+
+def test_builds_offline_and_speaks_transformer_lens(task):
+    model = ordinary_transformer(task, d_model=16, n_heads=2)
+    tokens = task.sample(4, seed=0).tokens
+    logits, cache = model.run_with_cache(tokens)
+    assert logits.shape == (4, 41, 3)
+    assert isinstance(cache, ActivationCache)
+    assert cache["pattern", 0].shape == (4, 2, 41, 41)
+    assert "blocks.0.mlp.hook_post" not in cache  # attention only
+
+
+def test_same_seed_same_weights(task):
+    a = ordinary_transformer(task, d_model=16, n_heads=2, seed=5)
+    b = ordinary_transformer(task, d_model=16, n_heads=2, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_trains_with_the_same_trainer(task):
+    model = ordinary_transformer(task, d_model=16, n_heads=2)
+    config = TrainConfig(
+        stages=(Stage(steps=30, lr=1e-2, optimizer="adam"),),
+        batch_size=64,
+        objective="all",
+        eval_size=128,
+        record_every=10,
+    )
+    run = train(model, task, config, quiet=True)
+    assert run.history["eval_loss"].iloc[-1] < run.history["eval_loss"].iloc[0] - 0.2
+    with pytest.raises(ValueError, match="only for IHTransformer"):
+        train(model, task, TrainConfig(stages=(Stage(("selector",), steps=1),)), quiet=True)
+
+
+def test_bad_arguments(task):
+    with pytest.raises(ValueError, match="divisible"):
+        ordinary_transformer(task, d_model=10, n_heads=3)
+    with pytest.raises(ValueError, match="positional_embedding_type"):
+        ordinary_transformer(task, positional_embedding_type="alibi")
+
+
+@pytest.mark.slow
+def test_learns_the_task_well_below_the_unigram():
+    task = NGramTask(vocab_size=3, parents=(1, 2), seq_len=101, alpha=0.1, window=3)
+    run = train_ordinary_transformer(task, steps=800, seed=0, quiet=True)
+    tokens = task.sample(1000, seed=99).tokens
+    with torch.no_grad():
+        model_nll = -torch.log_softmax(run.model(tokens), -1)[:, :-1].gather(2, tokens[:, 1:, None]).mean()
+    unigram = next_token_nll(unigram_predictive(tokens, 0.1, d_vocab=3), tokens).mean()
+    bayes = next_token_nll(task.bayes_predictive(tokens), tokens).mean()
+    assert model_nll < bayes + 0.5 * (unigram - bayes)
+    assert last_position_nll(task.bayes_predictive(tokens), tokens).mean() < unigram
