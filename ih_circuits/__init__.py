@@ -5,7 +5,7 @@ Data and Bayes baselines (``NGramTask``, ``bayes_predictive``, ``gih_predictive`
 probes and views. See README.md for the tour.
 """
 
-from ih_circuits import theory
+from ih_circuits import baselines, probes, theory
 from ih_circuits.model import IHConfig, IHTransformer, ideal_model
 from ih_circuits.predictors import (
     ModelAveraging,
@@ -41,6 +41,7 @@ __all__ = [
     "TrainingRun",
     "__version__",
     "accuracy",
+    "baselines",
     "bayes_predictive",
     "candidate_parent_sets",
     "gih_predictive",
@@ -51,6 +52,7 @@ __all__ = [
     "model_averaging_predictive",
     "next_token_nll",
     "oracle_predictive",
+    "probes",
     "theory",
     "train",
     "train_preset",

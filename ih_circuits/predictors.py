@@ -248,8 +248,8 @@ def last_position_nll(probs: Probs, tokens: Tokens) -> Float[Tensor, " batch"]:
     return next_token_nll(probs, tokens)[:, -1]
 
 
-def kl_divergence(p: Probs, q: Probs) -> Float[Tensor, "batch pos"]:
-    """KL(p || q) = sum_e p(e) log(p(e) / q(e)) per row, with 0 log 0 = 0."""
+def kl_divergence(p: Float[Tensor, "*rows d_vocab"], q: Float[Tensor, "*rows d_vocab"]) -> Float[Tensor, "*rows"]:
+    """KL(p || q) = sum_e p(e) log(p(e) / q(e)) over the last axis, with 0 log 0 = 0."""
     if p.shape != q.shape:
         raise ValueError(f"p and q must have the same shape; got {tuple(p.shape)} and {tuple(q.shape)}")
     return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)

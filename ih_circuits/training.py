@@ -357,7 +357,8 @@ def _run(run: TrainingRun, *, quiet: bool, callback: Callable[[TrainingRun], Non
     from tqdm.auto import tqdm
 
     cfg, model = run.config, run.model
-    model.to(cfg.device)
+    if next(model.parameters()).device != torch.device(cfg.device):
+        model.to(cfg.device)
     model.train()
     evaluator = _Evaluator(run)
     batch_at = _batches(run)
