@@ -22,6 +22,7 @@ from ih_circuits.predictors import (
     unigram_predictive,
 )
 from ih_circuits.priors import DirichletPrior, KernelPrior
+from ih_circuits.reporting import report
 from ih_circuits.task import NGramBatch, NGramTask
 from ih_circuits.training import PRESETS, Stage, TrainConfig, TrainingRun, train, train_preset
 
@@ -53,6 +54,7 @@ __all__ = [
     "next_token_nll",
     "oracle_predictive",
     "probes",
+    "report",
     "theory",
     "train",
     "train_preset",

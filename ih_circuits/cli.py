@@ -1,4 +1,4 @@
-"""The ``ih-circuits`` command line: ``theory`` and ``demo`` (see ``ih-circuits --help``).
+"""The ``ih-circuits`` command line: ``train``, ``probe``, ``report``, ``theory`` and ``demo``.
 
 Every command prints plain text; a bad argument is one line on stderr and exit status 2.
 """
@@ -8,16 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from ih_circuits.predictors import last_position_nll, unigram_predictive
-from ih_circuits.task import NGramTask
 from ih_circuits.theory import selection_scores
 
 
 def _lags(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2; got {text!r}") from error
 
 
@@ -40,19 +39,56 @@ def _theory(args: argparse.Namespace) -> None:
     print(f"predicted parent set (|S| <= {args.max_degree}): {scores.best(args.max_degree)}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from ih_circuits.training import train_preset
+
+    overrides = {
+        k: v
+        for k, v in {
+            "steps": args.steps,
+            "lr": args.lr,
+            "parents": args.parents,
+            "alpha": args.alpha,
+            "batch_size": args.batch_size,
+        }.items()
+        if v is not None
+    }
+    run = train_preset(args.preset, seed=args.seed, quiet=args.quiet, **overrides)
+    out = Path(args.out or f"runs/{args.preset}-seed{args.seed}")
+    run.save(out)
+    print(run)
+    print(f"saved run (checkpoint, trajectory) to {out}")
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from ih_circuits.probes import decomposition_test, find_parents
+    from ih_circuits.reporting import load_run
+
+    run = load_run(args.checkpoint)
+    print(find_parents(run.model, run.task, n_sequences=args.n_sequences, seed=args.seed))
+    print(decomposition_test(run.model, run.task, n_sequences=args.n_sequences, seed=args.seed))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from ih_circuits.reporting import report
+
+    print(f"wrote {report(args.checkpoint, args.output, seed=args.seed)}")
+
+
 def _demo(args: argparse.Namespace) -> None:
-    task = NGramTask(vocab_size=3, parents=(1, 2), seq_len=101, alpha=0.1, window=3)
-    batch = task.sample(args.batch, seed=args.seed)
-    bayes = last_position_nll(task.bayes_predictive(batch.tokens), batch.tokens)
-    unigram = last_position_nll(unigram_predictive(batch.tokens, task.alpha, d_vocab=3), batch.tokens)
-    oracle = last_position_nll(task.oracle_predictive(batch), batch.tokens)
-    predicted = selection_scores(3, task.parents, task.alpha, n_kernels=2000, seed=args.seed, window=3).best(2)
-    print(f"task: d=3, parents={task.parents}, T=100 context tokens, alpha={task.alpha}, {args.batch} sequences")
-    print(f"theory's predicted parent set (argmax I~, |S| <= 2): {predicted}")
-    print(
-        f"last-position loss, nats: oracle {oracle.mean():.4f}  Bayes {bayes.mean():.4f}  "
-        f"in-context unigram {unigram.mean():.4f}"
-    )
+    from ih_circuits.probes import decomposition_test, find_parents
+    from ih_circuits.reporting import report
+    from ih_circuits.training import train_preset
+
+    out = Path(args.out)
+    print("training the CWa preset (d=3, T=100, H=3, parents {1,2}, alpha=0.1, D=2) ...")
+    run = train_preset("cwa", seed=args.seed, quiet=args.quiet)
+    run.save(out / "run")
+    print(run)
+    print(find_parents(run.model, run.task, seed=args.seed))
+    print(decomposition_test(run.model, run.task, seed=args.seed))
+    path = report(run, out / "report.html", seed=args.seed)
+    print(f"report: {path.resolve()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +103,31 @@ def build_parser() -> argparse.ArgumentParser:
     theory.add_argument("--n-kernels", type=int, default=2000)
     theory.add_argument("--seed", type=int, default=0)
     theory.set_defaults(run=_theory)
-    demo = commands.add_parser("demo", help="sample the paper's task and print the theory and the baselines")
-    demo.add_argument("--batch", type=int, default=4096)
+    train = commands.add_parser("train", help="train a preset and save the run")
+    train.add_argument("--preset", required=True, help="cwa, c_w_a, c_w_a_d3, cw_a or full")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=None, help="total steps (stages rescaled)")
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--parents", type=_lags, default=None)
+    train.add_argument("--alpha", type=float, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--out", default=None, help="directory for the run (default runs/PRESET-seedSEED)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+    probe = commands.add_parser("probe", help="find the parents and test the decomposition of a saved run")
+    probe.add_argument("checkpoint", help="a directory written by train (or TrainingRun.save)")
+    probe.add_argument("--n-sequences", type=int, default=512)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.set_defaults(run=_probe)
+    rep = commands.add_parser("report", help="write the self-contained HTML report of a saved run")
+    rep.add_argument("checkpoint")
+    rep.add_argument("-o", "--output", default="report.html")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.set_defaults(run=_report)
+    demo = commands.add_parser("demo", help="train the CWa preset, probe it, write the report")
+    demo.add_argument("--out", default="out/demo", help="directory for the run and report.html")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
     return parser
 
@@ -79,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"ih-circuits {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

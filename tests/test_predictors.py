@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ih_circuits import (
     NGramTask,
@@ -136,3 +138,16 @@ def test_bad_inputs_raise_value_error(call, message):
     tokens = torch.tensor([[0, 1, 2, 1]])
     with pytest.raises(ValueError, match=message):
         call(tokens)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(0, 2), min_size=6, max_size=6), min_size=1, max_size=3),
+    parents=st.sets(st.integers(1, 4), max_size=2).map(lambda s: tuple(sorted(s))),
+    alpha=st.floats(0.05, 3.0),
+)
+def test_bayes_matches_the_count_on_arbitrary_sequences(rows, parents, alpha):
+    tokens = torch.tensor(rows)
+    fast = bayes_predictive(tokens, parents, alpha, d_vocab=3).double()
+    assert torch.allclose(fast, bayes_loop(tokens, parents, alpha, 3), atol=1e-5)
+    assert torch.allclose(fast.sum(-1), torch.ones(fast.shape[:2], dtype=torch.float64), atol=1e-5)

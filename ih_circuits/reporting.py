@@ -1,0 +1,136 @@
+"""A self-contained HTML report of a training run: configuration, verdicts, figures and attention views.
+
+One file, no network requests: figures are inline PNGs, and circuitsvis's bundle is inlined once for all
+attention views. Open it in any browser, offline.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from ih_circuits.model import IHTransformer
+from ih_circuits.probes import decomposition_test, find_parents
+from ih_circuits.task import NGramTask
+from ih_circuits.training import TrainingRun, derive_seed
+from ih_circuits.views import (
+    attention_data,
+    circuitsvis_bundle,
+    figure_data_uri,
+    plot_copier_weights,
+    plot_decomposition,
+    plot_final_shares,
+    plot_losses,
+    plot_parent_effects,
+    plot_scale,
+    plot_selector_shares,
+    render_calls,
+)
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 24px auto; color: #222; }
+table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
+.verdict-true { color: #186a3b; font-weight: bold; } .verdict-false { color: #a93226; font-weight: bold; }
+img { max-width: 100%; } h2 { border-bottom: 1px solid #ddd; }
+"""
+
+
+def load_run(run_or_checkpoint: TrainingRun | str | Path, task: NGramTask | None = None) -> TrainingRun:
+    """A ``TrainingRun`` from itself, a ``TrainingRun.save`` directory, or a model checkpoint plus ``task``."""
+    if isinstance(run_or_checkpoint, TrainingRun):
+        return run_or_checkpoint
+    directory = Path(run_or_checkpoint)
+    if (directory / "run.json").is_file():
+        return TrainingRun.load(directory)
+    if (directory / "config.json").is_file():
+        if task is None:
+            raise ValueError(f"{directory} is a model checkpoint without a task; pass task=NGramTask(...)")
+        from ih_circuits.training import TrainConfig
+
+        return TrainingRun(model=IHTransformer.from_pretrained(directory), task=task, config=TrainConfig())
+    raise ValueError(f"{directory} is neither a saved TrainingRun (run.json) nor a model checkpoint (config.json)")
+
+
+def _table(rows: dict[str, object]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    return f"<table>{cells}</table>"
+
+
+def report(
+    run_or_checkpoint: TrainingRun | str | Path,
+    path: str | Path,
+    task: NGramTask | None = None,
+    *,
+    n_sequences: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Write the HTML report of a run (or a saved run directory, or a model checkpoint with ``task``).
+
+    Contents: the task, model and training configuration; the verdicts (true parents, the theory's
+    prediction, the parents found, whether the decomposition holds); the training figures (selector shares,
+    copier weights before/after, a, losses) when a trajectory exists; the parent-probe and decomposition
+    figures; interactive circuitsvis views of both layers on one sequence.
+    """
+    run = load_run(run_or_checkpoint, task)
+    model, task = run.model, run.task
+    parents = find_parents(model, task, n_sequences=n_sequences, seed=seed)
+    decomposition = decomposition_test(model, task, n_sequences=n_sequences, seed=seed)
+    verdicts = {
+        "true parents": task.parents,
+        "theory's prediction (argmax I~)": parents.predicted,
+        "parents found (behavioural)": parents.lags,
+        "white-box selector lags": parents.white_box_lags,
+        "decomposition holds": decomposition.holds,
+    }
+    figures = []
+    history = run.history
+    if len(history) > 1 and "a" in history:
+        figures += [
+            ("Selector shares", plot_selector_shares(history)),
+            ("Final shares", plot_final_shares(history)),
+            ("Copier position weights", plot_copier_weights(history)),
+            ("Classifier scale a", plot_scale(history)),
+            ("Loss and excess loss over Bayes", plot_losses(history)),
+        ]
+    figures += [
+        ("Parent probes", plot_parent_effects(parents)),
+        ("Decomposition test", plot_decomposition(decomposition)),
+    ]
+    images = "".join(
+        f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='{figure_data_uri(f)}'>" for t, f in figures
+    )
+    sequence = task.sample(1, seed=derive_seed(seed, "report")).tokens
+    views = []
+    for layer in (0, 1):
+        data = attention_data(model, sequence, layer, task)
+        views.append((f"ih-attention-layer{layer}", data.component, data.props, data.title))
+    view_html = "".join(f"<h3>{html.escape(title)}</h3>" + render_calls([(i, c, p)]) for i, c, p, title in views)
+    failing = "".join(f"<li><b>{html.escape(c)}</b>: {html.escape(r)}</li>" for c, r in decomposition.failing)
+    verdict = "holds" if decomposition.holds else "does not hold"
+    body = f"""
+<h1>Generalized induction head report</h1>
+<h2>Verdicts</h2>
+{_table(verdicts)}
+<p class="verdict-{str(decomposition.holds).lower()}">Decomposition {verdict}</p>
+{f"<ul>{failing}</ul>" if failing else ""}
+{decomposition.to_dataframe().to_html(index=False, float_format="%.4f", na_rep="")}
+<h2>Attention (interactive; * marks keys whose parent history matches the query's)</h2>
+<script>{circuitsvis_bundle()}</script>
+{view_html}
+<h2>Figures</h2>
+{images}
+<h2>Configuration</h2>
+<h3>Task</h3>{_table(task.to_dict())}
+<h3>Model</h3>{_table(model.config.to_dict())}
+<h3>Training</h3><pre>{html.escape(json.dumps(run.config.to_dict(), indent=1))}</pre>
+<p>Steps taken: {run.step}{" (interrupted)" if run.interrupted else ""}</p>
+"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ih_circuits report</title>"
+        f"<style>{_STYLE}</style></head><body>{body}</body></html>",
+        encoding="utf-8",
+    )
+    return path

@@ -1,0 +1,262 @@
+"""Pictures of everything the package computes: circuitsvis attention views and matplotlib figures.
+
+Attention views embed circuitsvis's JavaScript bundle (its ``local_src``), so they render offline, in
+Jupyter and in saved files; they never ask the network (circuitsvis's own ``_repr_html_`` probes the
+internet to choose a CDN). Element ids are deterministic. matplotlib and circuitsvis are imported inside
+the functions, so ``import ih_circuits`` stays quick. Figures are returned as matplotlib ``Figure``s;
+``figure_data_uri`` turns one into an embeddable PNG or SVG.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ih_circuits.model import IHTransformer
+from ih_circuits.probes import DecompositionReport, ParentReport, copier_probe, history_matches
+from ih_circuits.task import NGramTask
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_ID = re.compile(r"circuits-vis-[0-9a-f-]+")
+
+
+@dataclass
+class HTMLView:
+    """Self-contained HTML (JavaScript inlined) that Jupyter displays and ``save`` writes to a file."""
+
+    html: str
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{self.html}</body></html>")
+        return path
+
+
+def circuitsvis_bundle() -> str:
+    """circuitsvis's browser bundle (defines the global ``CircuitsVis``), safe to inline in a <script>."""
+    import circuitsvis
+
+    bundle = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    return bundle.read_text(encoding="utf-8").replace("</script>", "")
+
+
+def render_calls(views: list[tuple[str, str, dict[str, Any]]]) -> str:
+    """Containers and render calls for (element id, circuitsvis component, props); needs the bundle loaded."""
+    from circuitsvis.utils.convert_props import convert_props
+
+    parts = []
+    for element_id, component, props in views:
+        parts.append(
+            f'<div id="{element_id}" class="cv-view" style="margin: 15px 0;"></div>\n'
+            f'<script type="module">CircuitsVis.render("{element_id}", CircuitsVis.{component}, '
+            f"{convert_props(props)});</script>"
+        )
+    return "\n".join(parts)
+
+
+@dataclass
+class AttentionData:
+    """What an attention view shows: patterns, token labels and head names."""
+
+    component: str
+    props: dict[str, Any]
+    title: str
+
+
+def attention_data(
+    model: nn.Module, tokens: torch.Tensor, layer: int, task: NGramTask | None = None, *, last: int = 32
+) -> AttentionData:
+    """Patterns of one layer on one sequence, cut to the last ``last`` positions, with parent lags marked.
+
+    Layer 0 (the copier) names each head by the lag it copies. Layer 1 (the classifier) marks with ``*``
+    the key positions whose history over the task's parents matches the query's (for ``IHTransformer`` key
+    j holds token j+1, so the mark sits on j).
+    """
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    tokens = tokens[:1]
+    if layer not in (0, 1):
+        raise ValueError(f"layer must be 0 (copier) or 1 (classifier); got {layer}")
+    name = f"blocks.{layer}.attn.hook_pattern"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
+    pattern = cache[name][0].float()
+    n_pos = tokens.shape[1]
+    start = max(0, n_pos - last)
+    labels = [f"{t}:{int(x)}" for t, x in enumerate(tokens[0].tolist())]
+    if layer == 0:
+        lags = copier_probe(model, task).dominant_lags if task is not None else None
+        heads = [f"head {h}" + (f" (lag {lags[h]})" if lags else "") for h in range(pattern.shape[0])]
+        title = "Layer 1 (copier): each head attends to one lag"
+    else:
+        heads = [f"head {h}" for h in range(pattern.shape[0])]
+        title = "Layer 2 (classifier): the query attends to positions whose parent history matches"
+        if task is not None and task.parents:
+            match = history_matches(tokens, task.parents, task.vocab_size)[0]
+            offset = 1 if isinstance(model, IHTransformer) else 0
+            for position in torch.nonzero(match).flatten().tolist():
+                key = position - offset
+                if 0 <= key < n_pos - 2:
+                    labels[key] += "*"
+    window = pattern[:, start:, start:]
+    props = {"tokens": labels[start:], "attention": window.cpu(), "attentionHeadNames": heads, "maskUpperTri": True}
+    return AttentionData("AttentionHeads", props, title)
+
+
+def attention_view(
+    model: nn.Module, tokens: torch.Tensor, layer: int = 0, task: NGramTask | None = None, *, last: int = 32
+) -> HTMLView:
+    """A circuitsvis attention view of one layer (see ``attention_data``), with its JavaScript inlined."""
+    data = attention_data(model, tokens, layer, task, last=last)
+    element = f"ih-attention-layer{layer}"
+    html = f"<h4>{data.title}</h4><script>{circuitsvis_bundle()}</script>" + render_calls(
+        [(element, data.component, data.props)]
+    )
+    return HTMLView(html)
+
+
+def figure_data_uri(figure: Figure, format: str = "png") -> str:
+    """``data:`` URI of a matplotlib figure (PNG at 110 dpi, or SVG)."""
+    if format not in ("png", "svg"):
+        raise ValueError(f"format must be 'png' or 'svg'; got {format!r}")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=format, dpi=110, bbox_inches="tight")
+    mime = "image/png" if format == "png" else "image/svg+xml"
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def _figure(width: float = 6.0, height: float = 3.2, ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    plt.close(figure)
+    return figure, axes[0]
+
+
+def _share_columns(history: pd.DataFrame) -> list[str]:
+    return [c for c in history.columns if c.startswith("share[")]
+
+
+def _weights_from_history(row: pd.Series) -> torch.Tensor:
+    cells = {tuple(map(int, c[2:-1].split(","))): row[c] for c in row.index if c.startswith("w[")}
+    heads, lags = max(h for h, _ in cells) + 1, max(m for _, m in cells) + 1
+    return torch.tensor([[cells[(h, m)] for m in range(lags)] for h in range(heads)])
+
+
+def plot_copier_weights(history: pd.DataFrame) -> Figure:
+    """Copier position weights softmax(w_h) as head x lag heatmaps, at the first and last recorded step."""
+    figure, axes = _figure(7.5, 2.8, ncols=2)
+    for axis, (label, row) in zip(axes, [("before", history.iloc[0]), ("after", history.iloc[-1])], strict=True):
+        weights = _weights_from_history(row)
+        image = axis.imshow(weights.numpy(), vmin=0, vmax=1, cmap="Blues")
+        axis.set_title(f"{label} (step {int(row['step'])})")
+        axis.set_xticks(range(weights.shape[1]), [f"lag {m + 1}" for m in range(weights.shape[1])])
+        axis.set_yticks(range(weights.shape[0]), [f"head {h}" for h in range(weights.shape[0])])
+        for (h, m), value in zip(
+            torch.cartesian_prod(torch.arange(weights.shape[0]), torch.arange(weights.shape[1])).tolist(),
+            weights.flatten().tolist(),
+            strict=True,
+        ):
+            axis.text(m, h, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    figure.colorbar(image, ax=list(axes), shrink=0.8)
+    return figure
+
+
+def plot_selector_shares(history: pd.DataFrame, top: int = 5) -> Figure:
+    """Selector shares c_S^2 / sum c^2 over training, the subsets that ever led (the paper's main figure)."""
+    columns = sorted(_share_columns(history), key=lambda c: -history[c].max())[:top]
+    figure, (axis,) = _figure()
+    for column in columns:
+        heads = column[6:-1] or "empty"
+        axis.plot(history["step"], history[column], label=f"heads {{{heads}}}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("share")
+    axis.set_ylim(-0.02, 1.02)
+    axis.legend(fontsize=8)
+    axis.set_title("Selector shares over training")
+    return figure
+
+
+def plot_final_shares(history: pd.DataFrame) -> Figure:
+    """Selector shares at the last recorded step, one bar per subset."""
+    columns = _share_columns(history)
+    values = [history.iloc[-1][c] for c in columns]
+    figure, (axis,) = _figure(6.0, 2.8)
+    axis.bar([c[5:] for c in columns], values, color="tab:blue")
+    axis.set_ylabel("final share")
+    axis.set_ylim(0, 1.05)
+    axis.tick_params(axis="x", labelrotation=45)
+    return figure
+
+
+def plot_scale(history: pd.DataFrame) -> Figure:
+    """The classifier scale a over training."""
+    figure, (axis,) = _figure(6.0, 2.8)
+    axis.plot(history["step"], history["a"], color="tab:purple")
+    axis.set_xlabel("step")
+    axis.set_ylabel("a")
+    axis.set_title("Classifier scale")
+    return figure
+
+
+def plot_losses(history: pd.DataFrame) -> Figure:
+    """Evaluation loss with the Bayes floor, and the excess loss over Bayes (log scale)."""
+    figure, axes = _figure(9.0, 3.0, ncols=2)
+    axes[0].plot(history["step"], history["eval_loss"], label="model")
+    axes[0].axhline(history["bayes_loss"].iloc[0], color="black", linestyle="--", label="Bayes")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss (nats)")
+    axes[0].legend(fontsize=8)
+    axes[1].semilogy(history["step"], history["excess_loss"].clip(lower=1e-6), color="tab:red")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("excess loss over Bayes")
+    return figure
+
+
+def plot_parent_effects(report: ParentReport) -> Figure:
+    """Behavioural effect of resampling each lag (±2 stderr), with the linear-probe accuracy."""
+    frame = report.to_dataframe()
+    figure, axes = _figure(9.0, 3.0, ncols=2)
+    colors = ["tab:green" if p else "tab:gray" for p in frame["true_parent"]]
+    axes[0].bar(frame["lag"], frame["effect"], yerr=2 * frame["stderr"], color=colors)
+    axes[0].set_xlabel("lag (green: true parent)")
+    axes[0].set_ylabel("KL(clean || resampled), nats")
+    axes[0].set_title(f"Behavioural: used lags {report.lags}")
+    axes[1].bar(frame["lag"], frame["accuracy"], color=colors)
+    axes[1].plot(frame["lag"], frame["chance"], "k_", markersize=20, label="chance")
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_xlabel("lag")
+    axes[1].set_ylabel("probe accuracy")
+    axes[1].set_title("Representational")
+    axes[1].legend(fontsize=8)
+    return figure
+
+
+def plot_decomposition(report: DecompositionReport) -> Figure:
+    """KL of each replacement to the model, against the verdict's threshold."""
+    rows = [r for r in report.rows if "kl" in r]
+    figure, (axis,) = _figure(6.0, 2.8)
+    colors = ["tab:green" if r["passed"] else "tab:red" for r in rows]
+    axis.bar([r["component"] for r in rows], [max(r["kl"], 1e-7) for r in rows], color=colors)
+    axis.axhline(report.thresholds["kl"], color="black", linestyle="--", label="threshold")
+    axis.set_yscale("log")
+    axis.set_ylabel("KL(model || replaced)")
+    axis.set_title(f"Decomposition {'holds' if report.holds else 'does not hold'}")
+    axis.legend(fontsize=8)
+    return figure

@@ -1,0 +1,100 @@
+"""The report renders in headless Chromium with the network blocked: views mount, images load, no errors.
+
+Chromium is Debian's ``chromium`` package; ``make browser`` (run by ``.ci/run``) installs it when missing.
+Outside CI the test is skipped when it is absent; in CI a missing browser is a failure.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import ih_circuits as ih
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--proxy-server=127.0.0.1:9",
+    "--hide-scrollbars",
+]
+PROBE = """<script>window.__errors = [];
+const __error = console.error.bind(console);
+console.error = (...args) => { window.__errors.push(args.map(String).join(' ')); __error(...args); };
+window.addEventListener('error', e => window.__errors.push('uncaught: ' + e.message));
+window.addEventListener('load', () => setTimeout(() => {
+  const views = [...document.querySelectorAll('.cv-view')];
+  const images = [...document.querySelectorAll('img')];
+  document.body.setAttribute('data-probe', JSON.stringify({
+    errors: window.__errors,
+    views: views.map(v => v.querySelectorAll('*').length),
+    images: images.map(i => i.complete && i.naturalWidth > 0),
+  }));
+}, 1500));</script>"""
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it with `make browser`")
+        pytest.skip("chromium is not installed (`make browser` installs Debian's chromium)")
+    return path
+
+
+def test_report_renders_offline_in_headless_chromium(tmp_path):
+    browser = chromium()
+    run = ih.train_preset("cwa", seed=0, steps=30, batch_size=512, eval_size=256, quiet=True)
+    report = ih.report(run, tmp_path / "report.html", n_sequences=64)
+    probed = tmp_path / "probed.html"
+    probed.write_text(report.read_text().replace("<head>", "<head>" + PROBE, 1))
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run(
+        [
+            browser,
+            *FLAGS,
+            *profile,
+            "--virtual-time-budget=15000",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    match = re.search(r"data-probe=\"([^\"]*)\"", dom.stdout)
+    assert match, dom.stderr[-2000:]
+    probe = json.loads(match.group(1).replace("&quot;", '"'))
+    assert probe["errors"] == []
+    assert len(probe["views"]) == 2 and all(n > 20 for n in probe["views"])  # both circuitsvis views mounted
+    assert len(probe["images"]) == 7 and all(probe["images"])
+    assert "Uncaught" not in dom.stderr
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            *FLAGS,
+            "--user-data-dir=" + str(tmp_path / "profile2"),
+            "--window-size=1200,1600",
+            "--virtual-time-budget=15000",
+            f"--screenshot={shot}",
+            report.as_uri(),
+        ],
+        capture_output=True,
+        timeout=180,
+    )
+    assert shot.stat().st_size > 20_000 and shot.read_bytes()[:4] == b"\x89PNG"
+    keep = os.environ.get("IH_CIRCUITS_SCREENSHOT_DIR")
+    if keep:
+        shutil.copy(shot, keep)

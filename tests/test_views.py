@@ -1,0 +1,65 @@
+"""Views and the HTML report: figures, inlined circuitsvis, no network, deterministic ids."""
+
+import re
+
+import pytest
+from matplotlib.figure import Figure
+
+import ih_circuits as ih
+from ih_circuits import probes, views
+
+CDN = re.compile(r"<script[^>]+src=|unpkg\.com|cdn\.jsdelivr|https?://[^\"' ]+\.js")
+
+
+@pytest.fixture(scope="module")
+def run():
+    return ih.train_preset("cwa", seed=0, steps=30, batch_size=512, eval_size=256, record_every=5, quiet=True)
+
+
+def test_attention_views_inline_the_bundle_and_mark_lags(run):
+    tokens = run.task.sample(1, seed=0).tokens
+    copier = views.attention_view(run.model, tokens, layer=0, task=run.task)
+    classifier = views.attention_view(run.model, tokens, layer=1, task=run.task)
+    for view in (copier, classifier):
+        html = view._repr_html_()
+        assert "CircuitsVis.render" in html and len(html) > 1_000_000  # the whole bundle is inline
+        assert not CDN.search(html)
+    assert '"head 0 (lag 1)"' in copier.html and '"head 1 (lag 2)"' in copier.html
+    assert 'id="ih-attention-layer1"' in classifier.html and '*"' in classifier.html
+    assert views.attention_view(run.model, tokens, layer=1, task=run.task).html == classifier.html
+
+
+def test_attention_view_rejects_a_bad_layer(run):
+    with pytest.raises(ValueError, match="layer must be 0"):
+        views.attention_data(run.model, run.task.sample(1, seed=0).tokens, layer=2)
+
+
+def test_every_figure_renders(run):
+    parents = probes.find_parents(run.model, run.task, n_sequences=64)
+    verdict = probes.decomposition_test(run.model, run.task, n_sequences=32)
+    figures = [
+        views.plot_copier_weights(run.history),
+        views.plot_selector_shares(run.history),
+        views.plot_final_shares(run.history),
+        views.plot_scale(run.history),
+        views.plot_losses(run.history),
+        views.plot_parent_effects(parents),
+        views.plot_decomposition(verdict),
+    ]
+    for figure in figures:
+        assert isinstance(figure, Figure)
+        assert views.figure_data_uri(figure).startswith("data:image/png;base64,iVBOR")
+    assert views.figure_data_uri(figures[0], "svg").startswith("data:image/svg+xml;base64,")
+
+
+def test_report_is_self_contained(run, tmp_path):
+    run.save(tmp_path / "run")
+    path = ih.report(tmp_path / "run", tmp_path / "report.html", n_sequences=64)
+    html = path.read_text()
+    assert not CDN.search(html)
+    assert html.count("<img ") == 7 and html.count("data:image/png;base64,") == 7
+    assert html.count("CircuitsVis.render(") == 2 and html.count("var CircuitsVis") == 1
+    for text in ("true parents", "parents found", "decomposition holds", "Selector shares"):
+        assert text in html
+    with pytest.raises(ValueError, match="neither a saved TrainingRun"):
+        ih.report(tmp_path / "missing", tmp_path / "x.html")
