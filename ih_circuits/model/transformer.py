@@ -37,6 +37,7 @@ from ih_circuits.model.classifier import Classifier
 from ih_circuits.model.config import IHConfig
 from ih_circuits.model.copier import Copier, Lookup
 from ih_circuits.model.selector import Selector
+from ih_circuits.task import check_tokens
 
 LogProbs = Float[Tensor, "batch pos d_vocab"]
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -94,21 +95,9 @@ class IHTransformer(HookedRootModule):
 
     def check_tokens(self, tokens: Tensor) -> None:
         """Raise ``ValueError`` unless ``tokens`` is an integer [batch, pos] tensor the model accepts."""
-        if not isinstance(tokens, Tensor):
-            raise ValueError(f"tokens must be a torch.Tensor; got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must have an integer dtype; got {tokens.dtype}")
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, pos]; got {tuple(tokens.shape)}")
-        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be non-empty; got shape {tuple(tokens.shape)}")
+        check_tokens(tokens, self.config.d_vocab)
         if tokens.shape[1] > self.config.n_ctx:
             raise ValueError(f"tokens has {tokens.shape[1]} positions but the model allows n_ctx={self.config.n_ctx}")
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.config.d_vocab:
-            raise ValueError(
-                f"tokens must be integers in [0, d_vocab={self.config.d_vocab}); got min {low}, max {high}"
-            )
 
     def run_with_cache(self, *model_args, remove_batch_dim: bool = False, **kwargs) -> tuple[Tensor, ActivationCache]:
         """``HookedRootModule.run_with_cache`` with the activations in a TransformerLens ``ActivationCache``."""
