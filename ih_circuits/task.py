@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import einops
 import torch
@@ -23,8 +23,6 @@ from torch import Tensor
 
 from ih_circuits.chain import digit_table, stationary_window_law, validate_lags
 from ih_circuits.priors import DirichletPrior, KernelPrior, prior_from_dict
-
-Init = Literal["uniform", "stationary"]
 
 
 def make_generator(seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:

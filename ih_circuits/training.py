@@ -251,7 +251,8 @@ class TrainingRun:
             "predicted_lags": None if self.predicted_lags is None else list(self.predicted_lags),
         }
         (directory / "run.json").write_text(json.dumps(meta, indent=2))
-        self.history.to_csv(directory / "history.csv", index=False)
+        if len(self.history):
+            self.history.to_csv(directory / "history.csv", index=False)
         if self.optimizer_state is not None:
             torch.save(self.optimizer_state, directory / "optimizer.pt")
         return directory
@@ -263,13 +264,13 @@ class TrainingRun:
         if not (directory / "run.json").is_file():
             raise ValueError(f"{directory} is not a saved TrainingRun: run.json is missing")
         meta = json.loads((directory / "run.json").read_text())
-        history = pd.read_csv(directory / "history.csv") if (directory / "history.csv").stat().st_size > 1 else None
+        history_path = directory / "history.csv"
         optimizer_path = directory / "optimizer.pt"
         return cls(
             model=IHTransformer.from_pretrained(directory / "model"),
             task=NGramTask.from_dict(meta["task"]),
             config=TrainConfig.from_dict(meta["train_config"]),
-            history=history if history is not None else pd.DataFrame(),
+            history=pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame(),
             step=meta["step"],
             interrupted=meta["interrupted"],
             predicted_lags=None if meta["predicted_lags"] is None else tuple(meta["predicted_lags"]),
