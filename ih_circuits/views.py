@@ -54,15 +54,19 @@ def circuitsvis_bundle() -> str:
 
 
 def render_calls(views: list[tuple[str, str, dict[str, Any]]]) -> str:
-    """Containers and render calls for (element id, circuitsvis component, props); needs the bundle loaded."""
+    """Containers and render calls for (element id, circuitsvis component, props); needs the bundle loaded.
+
+    ``<`` in the props is written as ``\\u003c`` so that no token text can close the <script> early.
+    """
     from circuitsvis.utils.convert_props import convert_props
 
     parts = []
     for element_id, component, props in views:
+        props_js = convert_props(props).replace("<", "\\u003c")
         parts.append(
             f'<div id="{element_id}" class="cv-view" style="margin: 15px 0;"></div>\n'
             f'<script type="module">CircuitsVis.render("{element_id}", CircuitsVis.{component}, '
-            f"{convert_props(props)});</script>"
+            f"{props_js});</script>"
         )
     return "\n".join(parts)
 
@@ -139,9 +143,7 @@ def figure_data_uri(figure: Figure, format: str = "png") -> str:
 
 
 def _figure(width: float = 6.0, height: float = 3.2, ncols: int = 1):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """A new figure that is closed at once: returned to the caller, never left open in pyplot's state."""
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)

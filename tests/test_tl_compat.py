@@ -114,3 +114,28 @@ def test_detect_head_finds_the_copied_lags():
     lag3 = detect_head(model, sequence, lag_pattern(3), heads={0: [0, 1]})
     assert lag1[0, 0] > 0.99 and lag1[0, 1] < 0.01
     assert lag3[0, 1] > 0.99 and lag3[0, 0] < 0.01
+
+
+def test_get_act_patch_attn_head_out_by_pos_on_a_one_head_model():
+    """With one copier head both layers have one head, so TL's stock per-head sweep runs as is.
+
+    An induction head on lag 1: corrupting the current token moves the prediction; patching the copier's
+    output back at that position restores it, while patching at a position past the query does nothing.
+    """
+    from transformer_lens.patching import get_act_patch_attn_head_out_by_pos
+
+    model = ideal_model(tiny_config(n_heads=1, window=1, max_degree=1), lags=(1,), a=6.0).eval()
+    clean = random_tokens(16, 12, seed=3)
+    corrupted = clean.clone()
+    query = clean.shape[1] - 2
+    corrupted[:, query] = (clean[:, query] + 1) % 3
+    _, clean_cache = model.run_with_cache(clean)
+
+    def metric(log_probs):
+        return log_probs[:, query].gather(1, clean[:, -1:]).mean()
+
+    result = get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric)
+    baseline = metric(model(corrupted))
+    assert result.shape == (2, 12, 1)
+    assert result[0, query, 0] - baseline > 0.05
+    assert abs(result[0, query + 1, 0] - baseline) < 1e-6

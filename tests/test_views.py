@@ -63,3 +63,8 @@ def test_report_is_self_contained(run, tmp_path):
         assert text in html
     with pytest.raises(ValueError, match="neither a saved TrainingRun"):
         ih.report(tmp_path / "missing", tmp_path / "x.html")
+
+
+def test_render_calls_cannot_be_closed_by_token_text():
+    html = views.render_calls([("x", "AttentionHeads", {"tokens": ["</script><b>"], "attention": [[[1.0]]]})])
+    assert html.count("</script>") == 1 and "\\u003c/script>\\u003cb>" in html
