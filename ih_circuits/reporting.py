@@ -89,7 +89,7 @@ def report(
         figures += [
             ("Selector shares", plot_selector_shares(history)),
             ("Final shares", plot_final_shares(history)),
-            ("Copier position weights", plot_copier_weights(history)),
+            ("Copier position weights", plot_copier_weights(history, model.config.lag_table)),
             ("Classifier scale a", plot_scale(history)),
             ("Loss and excess loss over Bayes", plot_losses(history)),
         ]

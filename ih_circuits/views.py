@@ -161,15 +161,25 @@ def _weights_from_history(row: pd.Series) -> torch.Tensor:
     return torch.tensor([[cells[(h, m)] for m in range(lags)] for h in range(heads)])
 
 
-def plot_copier_weights(history: pd.DataFrame) -> Figure:
-    """Copier position weights softmax(w_h) as head x lag heatmaps, at the first and last recorded step."""
+def plot_copier_weights(history: pd.DataFrame, lag_table: list[list[int]] | None = None) -> Figure:
+    """Copier position weights softmax(w_h) as head x lag heatmaps, at the first and last recorded step.
+
+    With a staggered ``lag_table`` (``model.config.lag_table``) heads see different lags: columns are then
+    window slots and each head's row label lists its lags.
+    """
+    staggered = lag_table is not None and any(row != lag_table[0] for row in lag_table)
     figure, axes = _figure(7.5, 2.8, ncols=2)
     for axis, (label, row) in zip(axes, [("before", history.iloc[0]), ("after", history.iloc[-1])], strict=True):
         weights = _weights_from_history(row)
         image = axis.imshow(weights.numpy(), vmin=0, vmax=1, cmap="Blues")
         axis.set_title(f"{label} (step {int(row['step'])})")
-        axis.set_xticks(range(weights.shape[1]), [f"lag {m + 1}" for m in range(weights.shape[1])])
-        axis.set_yticks(range(weights.shape[0]), [f"head {h}" for h in range(weights.shape[0])])
+        columns = [f"slot {m + 1}" if staggered else f"lag {m + 1}" for m in range(weights.shape[1])]
+        rows = [
+            f"head {h}" + (f" (lags {lag_table[h][0]}-{lag_table[h][-1]})" if staggered else "")
+            for h in range(weights.shape[0])
+        ]
+        axis.set_xticks(range(weights.shape[1]), columns)
+        axis.set_yticks(range(weights.shape[0]), rows)
         for (h, m), value in zip(
             torch.cartesian_prod(torch.arange(weights.shape[0]), torch.arange(weights.shape[1])).tolist(),
             weights.flatten().tolist(),

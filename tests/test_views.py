@@ -68,3 +68,11 @@ def test_report_is_self_contained(run, tmp_path):
 def test_render_calls_cannot_be_closed_by_token_text():
     html = views.render_calls([("x", "AttentionHeads", {"tokens": ["</script><b>"], "attention": [[[1.0]]]})])
     assert html.count("</script>") == 1 and "\\u003c/script>\\u003cb>" in html
+
+
+def test_copier_heatmap_labels_follow_the_layout(run):
+    shared = views.plot_copier_weights(run.history, run.model.config.lag_table)
+    assert [t.get_text() for t in shared.axes[0].get_xticklabels()] == ["lag 1", "lag 2", "lag 3"]
+    staggered = views.plot_copier_weights(run.history, [[1, 2, 3], [2, 3, 4], [3, 4, 5]])
+    assert [t.get_text() for t in staggered.axes[0].get_xticklabels()][0] == "slot 1"
+    assert [t.get_text() for t in staggered.axes[0].get_yticklabels()][1] == "head 1 (lags 2-4)"
