@@ -12,14 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+import torch
+from torch import nn
 from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
+from ih_circuits.sources import DataSource, sample_tokens
 from ih_circuits.task import NGramTask
 from ih_circuits.training import Stage, TrainConfig, TrainingRun, train
 
 
 def ordinary_transformer(
-    task: NGramTask,
+    task: NGramTask | DataSource,
     *,
     d_model: int = 64,
     n_heads: int = 4,
@@ -33,7 +37,7 @@ def ordinary_transformer(
     """An attention-only TransformerLens model sized for ``task`` (vocabulary and sequence length).
 
     Args:
-        task: fixes ``d_vocab`` and ``n_ctx``.
+        task: an ``NGramTask`` or any data source (``vocab_size``, ``seq_len``): fixes ``d_vocab`` and ``n_ctx``.
         d_model, n_heads, n_layers: width, heads per layer and depth (the paper's question is about 2).
         positional_embedding_type: ``"rotary"`` (default, relative offsets) or ``"standard"`` (learned
             absolute positions).
@@ -81,3 +85,48 @@ def train_ordinary_transformer(
     """Build ``ordinary_transformer(task, seed=seed, **model_kwargs)`` and train it with ``baseline_train_config``."""
     model = ordinary_transformer(task, seed=seed, **model_kwargs)
     return train(model, task, baseline_train_config(steps=steps, seed=seed), quiet=quiet)
+
+
+def train_on_source(
+    model: nn.Module,
+    source: DataSource,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    quiet: bool = True,
+) -> pd.DataFrame:
+    """Train any next-token model on fresh sequences from ``source`` with Adam on the every-position loss.
+
+    The loss is the mean over rows t = 0..T-2 of -log p(x_{t+1} | x_0..x_t) (the model returns logits
+    ``[batch, pos, d_vocab]``). Step k trains on ``source.sample(batch_size, seed=seed * 1_000_003 + k)``,
+    so a seed fixes the run. ``ih_circuits.train`` is the richer trainer for ``NGramTask`` (Bayes yardstick,
+    checkpoints); this one works for any source, e.g. ``RepeatedTokens``. The model is left in eval mode.
+
+    Returns:
+        One row per step: ``step``, ``loss`` (the training loss in nats).
+    """
+    from tqdm.auto import tqdm
+
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0; got {lr!r}")
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for step in tqdm(range(steps), disable=quiet, desc="train"):
+        tokens = sample_tokens(source, batch_size, seed=seed * 1_000_003 + step).to(device)
+        log_probs = torch.log_softmax(model(tokens)[:, :-1].float(), dim=-1)
+        loss = -log_probs.gather(-1, tokens[:, 1:, None]).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return pd.DataFrame({"step": range(1, steps + 1), "loss": losses})

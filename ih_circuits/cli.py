@@ -61,12 +61,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from ih_circuits.probes import decomposition_test, find_parents
+    from ih_circuits.probes import decomposition_test
     from ih_circuits.reporting import load_run
 
     run = load_run(args.checkpoint)
-    print(find_parents(run.model, run.task, n_sequences=args.n_sequences, seed=args.seed))
-    print(decomposition_test(run.model, run.task, n_sequences=args.n_sequences, seed=args.seed))
+    decomposition = decomposition_test(run.model, run.task, n_sequences=args.n_sequences, seed=args.seed)
+    print(decomposition.parents)
+    print(decomposition)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -76,7 +77,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from ih_circuits.probes import decomposition_test, find_parents
+    from ih_circuits.probes import decomposition_test
     from ih_circuits.reporting import report
     from ih_circuits.training import train_preset
 
@@ -85,8 +86,9 @@ def _demo(args: argparse.Namespace) -> None:
     run = train_preset("cwa", seed=args.seed, quiet=args.quiet)
     run.save(out / "run")
     print(run)
-    print(find_parents(run.model, run.task, seed=args.seed))
-    print(decomposition_test(run.model, run.task, seed=args.seed))
+    decomposition = decomposition_test(run.model, run.task, seed=args.seed)
+    print(decomposition.parents)
+    print(decomposition)
     path = report(run, out / "report.html", seed=args.seed)
     print(f"report: {path.resolve()}")
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ih_circuits.model import IHTransformer
-from ih_circuits.probes import decomposition_test, find_parents
+from ih_circuits.probes import decomposition_test
 from ih_circuits.task import NGramTask
 from ih_circuits.training import TrainingRun, derive_seed
 from ih_circuits.views import (
@@ -74,14 +74,14 @@ def report(
     """
     run = load_run(run_or_checkpoint, task)
     model, task = run.model, run.task
-    parents = find_parents(model, task, n_sequences=n_sequences, seed=seed)
     decomposition = decomposition_test(model, task, n_sequences=n_sequences, seed=seed)
+    parents = decomposition.parents
     verdicts = {
         "true parents": task.parents,
         "theory's prediction (argmax I~)": parents.predicted,
-        "parents found (behavioural)": parents.lags,
+        "parents found (query-side behavioural)": parents.lags,
         "white-box selector lags": parents.white_box_lags,
-        "decomposition holds": decomposition.holds,
+        "decomposition verdict": decomposition.verdict,
     }
     figures = []
     history = run.history
@@ -106,13 +106,12 @@ def report(
         data = attention_data(model, sequence, layer, task)
         views.append((f"ih-attention-layer{layer}", data.component, data.props, data.title))
     view_html = "".join(f"<h3>{html.escape(title)}</h3>" + render_calls([(i, c, p)]) for i, c, p, title in views)
-    failing = "".join(f"<li><b>{html.escape(c)}</b>: {html.escape(r)}</li>" for c, r in decomposition.failing)
-    verdict = "holds" if decomposition.holds else "does not hold"
+    failing = "".join(f"<li><b>{html.escape(c)}</b> failed: {html.escape(r)}</li>" for c, r in decomposition.failing)
     body = f"""
 <h1>Generalized induction head report</h1>
 <h2>Verdicts</h2>
 {_table(verdicts)}
-<p class="verdict-{str(decomposition.holds).lower()}">Decomposition {verdict}</p>
+<p class="verdict-{str(decomposition.holds).lower()}">Decomposition: {html.escape(decomposition.verdict)}</p>
 {f"<ul>{failing}</ul>" if failing else ""}
 {decomposition.to_dataframe().to_html(index=False, float_format="%.4f", na_rep="")}
 <h2>Attention (interactive; * marks keys whose parent history matches the query's)</h2>

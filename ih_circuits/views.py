@@ -20,8 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ih_circuits.model import IHTransformer
-from ih_circuits.probes import DecompositionReport, ParentReport, copier_probe, history_matches
+from ih_circuits.probes import DecompositionReport, ParentReport
 from ih_circuits.task import NGramTask
 
 if TYPE_CHECKING:
@@ -81,50 +80,70 @@ class AttentionData:
 
 
 def attention_data(
-    model: nn.Module, tokens: torch.Tensor, layer: int, task: NGramTask | None = None, *, last: int = 32
+    model: nn.Module,
+    tokens: torch.Tensor,
+    layer: int,
+    task: NGramTask | None = None,
+    *,
+    last: int = 32,
+    lags: tuple[int, ...] | None = None,
 ) -> AttentionData:
-    """Patterns of one layer on one sequence, cut to the last ``last`` positions, with parent lags marked.
+    """Patterns of one layer (any layer, any TransformerLens model) on one sequence, cut to the last ``last``
+    positions.
 
-    Layer 0 (the copier) names each head by the lag it copies. Layer 1 (the classifier) marks with ``*``
-    the key positions whose history over the task's parents matches the query's (for ``IHTransformer`` key
-    j holds token j+1, so the mark sits on j).
+    Heads are named by their dominant offset on this sequence (0 = itself, 1 = the previous token), or, for
+    ``IHTransformer``'s copier, by the lag they copy. The keys whose history over ``lags`` (default the
+    task's parents) matches the final query's are marked with ``*`` (for ``IHTransformer`` key j holds token
+    j+1, so the mark sits on j). Titles tell the paper's story only for ``IHTransformer``.
     """
+    from ih_circuits.probes.adapters import IHAdapter, adapt
+    from ih_circuits.probes.heads import copier_probe, history_matches, offset_mass
+
+    adapter = adapt(model)
+    adapter.check_layer(layer, "layer")
     if tokens.ndim == 1:
         tokens = tokens[None]
-    tokens = tokens[:1]
-    if layer not in (0, 1):
-        raise ValueError(f"layer must be 0 (copier) or 1 (classifier); got {layer}")
-    name = f"blocks.{layer}.attn.hook_pattern"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
-    pattern = cache[name][0].float()
+    tokens = tokens[:1].to(adapter.device)
+    pattern = adapter.patterns(tokens, layer)[0]
     n_pos = tokens.shape[1]
     start = max(0, n_pos - last)
     labels = [f"{t}:{int(x)}" for t, x in enumerate(tokens[0].tolist())]
-    if layer == 0:
-        lags = copier_probe(model, task).dominant_lags if task is not None else None
-        heads = [f"head {h}" + (f" (lag {lags[h]})" if lags else "") for h in range(pattern.shape[0])]
+    ours = isinstance(adapter, IHAdapter)
+    if ours and layer == 0:
+        copier_lags = copier_probe(model, task).dominant_lags if task is not None else None
+        heads = [f"head {h}" + (f" (lag {copier_lags[h]})" if copier_lags else "") for h in range(pattern.shape[0])]
         title = "Layer 1 (copier): each head attends to one lag"
-    else:
+    elif ours:
         heads = [f"head {h}" for h in range(pattern.shape[0])]
         title = "Layer 2 (classifier): the query attends to positions whose parent history matches"
-        if task is not None and task.parents:
-            match = history_matches(tokens, task.parents, task.vocab_size)[0]
-            offset = 1 if isinstance(model, IHTransformer) else 0
-            for position in torch.nonzero(match).flatten().tolist():
-                key = position - offset
-                if 0 <= key < n_pos - 2:
-                    labels[key] += "*"
+    else:
+        max_offset = max(1, min(8, n_pos - 1))
+        offsets = offset_mass(pattern[None], max_offset).argmax(-1).tolist()
+        heads = [f"L{layer}H{h} (offset {o})" for h, o in enumerate(offsets)]
+        title = f"Layer {layer} attention of {adapter.name} (heads named by their dominant offset)"
+    lags = lags if lags is not None else (task.parents if task is not None else None)
+    if lags:
+        rows = torch.tensor([n_pos - 2], device=tokens.device)
+        match = history_matches(tokens, tuple(lags), rows, adapter.value_offset)[0, 0]
+        for key in torch.nonzero(match).flatten().tolist():
+            labels[key] += "*"
+        title += f"; * marks keys whose history over lags {tuple(lags)} matches the last query's"
     window = pattern[:, start:, start:]
     props = {"tokens": labels[start:], "attention": window.cpu(), "attentionHeadNames": heads, "maskUpperTri": True}
     return AttentionData("AttentionHeads", props, title)
 
 
 def attention_view(
-    model: nn.Module, tokens: torch.Tensor, layer: int = 0, task: NGramTask | None = None, *, last: int = 32
+    model: nn.Module,
+    tokens: torch.Tensor,
+    layer: int = 0,
+    task: NGramTask | None = None,
+    *,
+    last: int = 32,
+    lags: tuple[int, ...] | None = None,
 ) -> HTMLView:
     """A circuitsvis attention view of one layer (see ``attention_data``), with its JavaScript inlined."""
-    data = attention_data(model, tokens, layer, task, last=last)
+    data = attention_data(model, tokens, layer, task, last=last, lags=lags)
     element = f"ih-attention-layer{layer}"
     html = f"<h4>{data.title}</h4><script>{circuitsvis_bundle()}</script>" + render_calls(
         [(element, data.component, data.props)]
@@ -242,12 +261,16 @@ def plot_losses(history: pd.DataFrame) -> Figure:
 
 
 def plot_parent_effects(report: ParentReport) -> Figure:
-    """Behavioural effect of resampling each lag (±2 stderr), with the linear-probe accuracy."""
+    """Query-side effect of resampling each lag (±2 stderr; the total effect as a black tick), with the
+    linear-probe accuracy. Green bars are the true parents when the data knows them, else the used lags."""
     frame = report.to_dataframe()
     figure, axes = _figure(9.0, 3.0, ncols=2)
-    colors = ["tab:green" if p else "tab:gray" for p in frame["true_parent"]]
-    axes[0].bar(frame["lag"], frame["effect"], yerr=2 * frame["stderr"], color=colors)
-    axes[0].set_xlabel("lag (green: true parent)")
+    marked = frame["true_parent"] if "true_parent" in frame else frame["used"]
+    colors = ["tab:green" if p else "tab:gray" for p in marked]
+    axes[0].bar(frame["lag"], frame["query_effect"], yerr=2 * frame["query_stderr"], color=colors)
+    axes[0].plot(frame["lag"], frame["total_effect"], "k_", markersize=20, label="total effect")
+    axes[0].legend(fontsize=8)
+    axes[0].set_xlabel("lag (green: " + ("true parent)" if "true_parent" in frame else "used)"))
     axes[0].set_ylabel("KL(clean || resampled), nats")
     axes[0].set_title(f"Behavioural: used lags {report.lags}")
     axes[1].bar(frame["lag"], frame["accuracy"], color=colors)
@@ -265,10 +288,10 @@ def plot_decomposition(report: DecompositionReport) -> Figure:
     rows = [r for r in report.rows if "kl" in r]
     figure, (axis,) = _figure(6.0, 2.8)
     colors = ["tab:green" if r["passed"] else "tab:red" for r in rows]
-    axis.bar([r["component"] for r in rows], [max(r["kl"], 1e-7) for r in rows], color=colors)
+    axis.bar([r["check"] for r in rows], [max(r["kl"], 1e-7) for r in rows], color=colors)
     axis.axhline(report.thresholds["kl"], color="black", linestyle="--", label="threshold")
     axis.set_yscale("log")
     axis.set_ylabel("KL(model || replaced)")
-    axis.set_title(f"Decomposition {'holds' if report.holds else 'does not hold'}")
+    axis.set_title(f"Decomposition: {report.verdict}")
     axis.legend(fontsize=8)
     return figure

@@ -21,7 +21,7 @@ def test_train_probe_report_round_trip(tmp_path, capsys):
     assert (out / "run.json").is_file() and (out / "model" / "model.safetensors").is_file()
     assert main(["probe", str(out), "--n-sequences", "64"]) == 0
     printed = capsys.readouterr().out
-    assert "ParentReport(lags=(1, 2)" in printed and "DecompositionReport(holds=" in printed
+    assert "ParentReport(lags=(1, 2)" in printed and "DecompositionReport(verdict=" in printed
     assert main(["report", str(out), "-o", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").stat().st_size > 1_000_000
 

@@ -38,7 +38,7 @@ def test_ideal_model_parents_and_decomposition(lags):
     assert report.represented
     decomposition = decomposition_test(model, task, n_sequences=128)
     assert decomposition.holds, decomposition
-    replaced = [r for r in decomposition.rows if r["component"] in ("copier", "selector", "classifier", "all")]
+    replaced = [r for r in decomposition.rows if r["check"] in ("copier", "selector", "classifier", "all")]
     assert len(replaced) == 4 and all(r["kl"] < 1e-5 for r in replaced)
 
 
@@ -47,8 +47,8 @@ def test_trained_model_parents_and_decomposition(trained):
     assert report.lags == (1, 2) and report.matches_theory
     decomposition = decomposition_test(trained.model, trained.task, n_sequences=128)
     assert decomposition.holds, decomposition
-    assert "holds=True" in repr(decomposition)
-    assert set(decomposition.to_dataframe()["component"]) == {"copier", "selector", "classifier", "all", "controls"}
+    assert "verdict='holds'" in repr(decomposition) and decomposition.reason.startswith("holds")
+    assert set(decomposition.to_dataframe()["check"]) == {"copier", "selector", "classifier", "all", "controls"}
 
 
 def test_randomized_copier_fails_on_the_copier(trained):
@@ -57,8 +57,8 @@ def test_randomized_copier_fails_on_the_copier(trained):
     with torch.no_grad():
         broken.copier.w_pos.copy_(0.3 * torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))
     report = decomposition_test(broken, trained.task, n_sequences=128)
-    assert not report.holds
-    assert "copier" in {component for component, _ in report.failing}
+    assert report.verdict == "not a GIH circuit"
+    assert "copier" in {check for check, _ in report.failing}
 
 
 def test_selector_on_a_wrong_subset_fails_on_the_selector(trained):
@@ -94,7 +94,7 @@ def test_behavioural_and_representational_probes_on_the_ideal_model():
     model = ideal_model(IHConfig(), lags=(1, 2), a=5.0)
     behaviour = behavioural_probe(model, task_for(), n_sequences=256)
     assert behaviour.used_lags == (1, 2)
-    assert min(behaviour.effect[:2]) > 10 * max(behaviour.effect[2:])
+    assert min(behaviour.query_effect[:2]) > 10 * max(behaviour.query_effect[2:])
     representation = representational_probe(model, task_for(), n_sequences=128)
     # Head 2 still copies lag 3 even though the selector ignores it: represented is not the same as used.
     assert representation.represented == (1, 2, 3)
@@ -111,9 +111,10 @@ def test_classifier_probe_matches_the_ideal_gih():
 def test_generalized_induction_reduces_to_the_usual_one_for_lag_one():
     """lags (1,): position l matches when x_{l-1} = x_{T-1}, the token after an earlier copy of the current one."""
     tokens = torch.randint(0, 3, (4, 30), generator=torch.Generator().manual_seed(0))
-    match = history_matches(tokens, (1,), 3)
+    row = 28  # the query row: it predicts token 29 and its current token is x_28
+    match = history_matches(tokens, (1,), torch.tensor([row]))[:, 0]
     usual = torch.zeros_like(match)
-    usual[:, 1:] = tokens[:, :-1] == tokens[:, -2:-1]
+    usual[:, 1 : row + 1] = tokens[:, :row] == tokens[:, row : row + 1]
     assert torch.equal(match, usual)
 
 
@@ -144,11 +145,11 @@ def test_probes_run_on_an_ordinary_transformer():
     copier = copier_probe(model, task, n_sequences=16)
     assert copier.source == "patterns" and copier.mass.shape == (2, 5)
     report = find_parents(model, task, n_sequences=64)
-    assert report.selector is None and report.representational.site == "blocks.0.hook_resid_post"
+    assert report.selector is None and report.representational.site == "blocks.1.hook_resid_pre"
     classifier = classifier_probe(model, task, (1, 2), n_sequences=32)
     assert len(classifier.score) == 2
     decomposition = decomposition_test(model, task, n_sequences=32)
-    assert decomposition.method == "surrogate" and not decomposition.holds  # untrained: no GIH
+    assert decomposition.method == "surrogate" and decomposition.verdict == "not a GIH circuit"  # untrained
 
 
 @pytest.mark.usefixtures("without_runtime_typecheck")
@@ -172,5 +173,5 @@ def test_trained_ordinary_transformer_uses_the_parents():
     assert report.lags == (1, 2) and {1, 2} <= set(report.representational.represented)
     decomposition = decomposition_test(run.model, task)
     assert decomposition.method == "surrogate"
-    classifier_row = next(r for r in decomposition.rows if r["component"] == "classifier")
-    assert classifier_row["induction_score"] > 0.5
+    induction_row = next(r for r in decomposition.rows if r["check"] == "induction head")
+    assert induction_row["induction_lift"] > 0.5

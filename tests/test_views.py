@@ -59,7 +59,7 @@ def test_report_is_self_contained(run, tmp_path):
     assert not CDN.search(html)
     assert html.count("<img ") == 7 and html.count("data:image/png;base64,") == 7
     assert html.count("CircuitsVis.render(") == 2 and html.count("var CircuitsVis") == 1
-    for text in ("true parents", "parents found", "decomposition holds", "Selector shares"):
+    for text in ("true parents", "parents found", "decomposition verdict", "Selector shares"):
         assert text in html
     with pytest.raises(ValueError, match="neither a saved TrainingRun"):
         ih.report(tmp_path / "missing", tmp_path / "x.html")

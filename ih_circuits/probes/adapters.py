@@ -1,0 +1,178 @@
+"""Model adapters: the one place that knows how a model lays out its computation.
+
+The probes ask a model a few questions: its vocabulary and context, its attention patterns per layer, its
+next-token log-probabilities at the query row, and where the query row's *history* lives (the activation
+that carries what the query has gathered about its own recent tokens before it is matched against the
+context). ``TransformerLensAdapter`` answers them for any TransformerLens model (``HookedTransformer`` or
+``TransformerBridge``, any depth): the history is the residual stream entering layer ``query_layer``
+(default 1: what layer 0 gathered). ``IHAdapter`` answers them for ``IHTransformer``, whose history is
+the copier output, and adds the white-box read-outs (copier weights, selector shares, scale a).
+
+Conventions shared by all adapters: row t of the output predicts token t+1 from tokens 0..t; the query
+row is T-2 (it predicts the last token); key position j of an attention pattern offers, as its value, the
+token at j + ``value_offset`` (0 for ordinary models; 1 for ``IHTransformer``, whose key j holds token j+1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ih_circuits.model import IHTransformer
+
+CHUNK = 1024
+
+
+class TransformerLensAdapter:
+    """Any TransformerLens model with ``cfg``, ``run_with_cache``, ``run_with_hooks`` and per-layer
+    ``blocks.{l}.attn.hook_pattern`` / ``blocks.{l}.hook_resid_pre`` hooks; its output is next-token logits."""
+
+    white_box = False
+    exact_vocab = False
+    value_offset = 0
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = getattr(model, "cfg", None)
+        missing = [name for name in ("run_with_cache", "run_with_hooks") if not hasattr(model, name)]
+        if cfg is None or missing or not all(hasattr(cfg, f) for f in ("n_layers", "d_vocab", "n_ctx")):
+            raise ValueError(
+                "model must be a TransformerLens model (HookedTransformer, TransformerBridge or a HookedRootModule "
+                f"with cfg.n_layers/d_vocab/n_ctx, run_with_cache and run_with_hooks); got {type(model).__name__}"
+            )
+        self.model = model
+        self.d_vocab = int(cfg.d_vocab)
+        self.n_ctx = int(cfg.n_ctx)
+        self.n_layers = int(cfg.n_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    def pattern_hook(self, layer: int) -> str:
+        self.check_layer(layer, "layer")
+        return f"blocks.{layer}.attn.hook_pattern"
+
+    def check_layer(self, layer: int, name: str, low: int = 0) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer < self.n_layers:
+            raise ValueError(f"{name} must be an integer in {low}..{self.n_layers - 1}; got {layer!r}")
+        return layer
+
+    def default_query_layer(self) -> int:
+        """Layer at which the query's history meets the context: 1 (after layer 0 gathered it), 0 for one layer."""
+        return min(1, self.n_layers - 1)
+
+    def history_site(self, query_layer: int | None) -> str:
+        """The hook whose query row holds what the query gathered before layer ``query_layer``."""
+        layer = self.default_query_layer() if query_layer is None else self.check_layer(query_layer, "query_layer")
+        return f"blocks.{layer}.hook_resid_pre"
+
+    def history_features_site(self, query_layer: int | None) -> str:
+        """Where a linear probe reads the gathered history (the same residual stream)."""
+        return self.history_site(query_layer)
+
+    @torch.no_grad()
+    def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
+        """log p(x_{T-1} | x_0..x_{T-2}): the query row's next-token distribution, in chunks."""
+        row = tokens.shape[1] - 2
+        parts = [self._log_probs(self.model(part), row) for part in tokens.split(CHUNK)]
+        return torch.cat(parts)
+
+    @staticmethod
+    def _log_probs(output: Tensor, row: int) -> Float[Tensor, "batch d_vocab"]:
+        return torch.log_softmax(output[:, row].float(), dim=-1)
+
+    @torch.no_grad()
+    def patterns(self, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch head query_pos key_pos"]:
+        """The attention pattern of every head of ``layer``."""
+        name = self.pattern_hook(layer)
+        _, cache = self.model.run_with_cache(tokens, names_filter=lambda hook: hook == name)
+        return cache[name].float()
+
+    @torch.no_grad()
+    def activation(self, tokens: Int[Tensor, "batch pos"], site: str) -> Tensor:
+        _, cache = self.model.run_with_cache(tokens, names_filter=lambda hook: hook == site)
+        return cache[site]
+
+    @torch.no_grad()
+    def corrupted_log_probs(
+        self, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"], query_layer: int | None
+    ) -> tuple[Float[Tensor, "batch d_vocab"], Float[Tensor, "batch d_vocab"]]:
+        """Query-row predictions under a corruption: everywhere (total) and on the query side only.
+
+        *Total*: the model run on ``corrupted``. *Query side*: the model run on ``clean`` with the query row of
+        the history site taken from the corrupted run, so the corruption reaches the prediction only through
+        what the query gathered about its own recent tokens; every other position (the context that holds
+        the copied evidence, the keys and values the query reads) stays clean.
+        """
+        site = self.history_site(query_layer)
+        row = clean.shape[1] - 2
+        totals, query_side = [], []
+        for clean_part, corrupted_part in zip(clean.split(CHUNK), corrupted.split(CHUNK), strict=True):
+            output, cache = self.model.run_with_cache(corrupted_part, names_filter=lambda hook: hook == site)
+            totals.append(self._log_probs(output, row))
+            patched = cache[site][:, row]
+            query_side.append(self._log_probs(self._run_with_row(clean_part, site, row, patched), row))
+        return torch.cat(totals), torch.cat(query_side)
+
+    def _run_with_row(self, tokens: Tensor, site: str, row: int, value: Tensor) -> Tensor:
+        def replace(activation: Tensor, hook: object) -> Tensor:
+            activation = activation.clone()
+            activation[:, row] = value.to(activation.dtype)
+            return activation
+
+        return self.model.run_with_hooks(tokens, fwd_hooks=[(site, replace)])
+
+    def n_heads(self, layer: int) -> int:
+        return int(self.model.cfg.n_heads)
+
+    def run_with_hooks(self, tokens: Tensor, hooks: list[tuple[str, Callable]]) -> Tensor:
+        return self.model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+class IHAdapter(TransformerLensAdapter):
+    """``IHTransformer``: copier (layer 0) and classifier (layer 1), with white-box read-outs.
+
+    The query's history is the copier output ``blocks.0.attn.hook_result`` at the query row; key j of the
+    classifier holds token j+1 (``value_offset = 1``); the vocabulary must match the task's exactly.
+    """
+
+    white_box = True
+    exact_vocab = True
+    value_offset = 1
+
+    def __init__(self, model: IHTransformer) -> None:
+        super().__init__(model)
+        self.ih = model
+
+    def default_query_layer(self) -> int:
+        return 1
+
+    def history_site(self, query_layer: int | None) -> str:
+        if query_layer not in (None, 1):
+            raise ValueError(f"query_layer must be None or 1 for IHTransformer (the classifier); got {query_layer!r}")
+        return "blocks.0.attn.hook_result"
+
+    def history_features_site(self, query_layer: int | None) -> str:
+        return self.history_site(query_layer)
+
+    @torch.no_grad()
+    def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
+        parts = [self.ih.log_probs_at(part, "last")[:, 0].float() for part in tokens.split(CHUNK)]
+        return torch.cat(parts)
+
+    def n_heads(self, layer: int) -> int:
+        return self.ih.config.n_heads if layer == 0 else 1
+
+
+def adapt(model: nn.Module) -> TransformerLensAdapter:
+    """The adapter for ``model``: ``IHAdapter`` for ``IHTransformer``, else ``TransformerLensAdapter``."""
+    if isinstance(model, IHTransformer):
+        return IHAdapter(model)
+    return TransformerLensAdapter(model)

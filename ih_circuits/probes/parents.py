@@ -1,0 +1,190 @@
+"""``find_parents``: the lags a model's prediction conditions on, with the evidence, the truth and the theory.
+
+The answer is behavioural and query-side (``behavioural.py``): the lags whose resampling, seen only by the
+query row's own history, moves the prediction. The report adds the plain (total) resampling effects, a
+linear read-out of the query's history, the copier heads, the selector (``IHTransformer``), the true
+parents when the data knows them and the selection theory's prediction when the data is an ``NGramTask``
+small enough to enumerate (I~ sums over d^(window+1) histories per kernel; above ``THEORY_BUDGET_BYTES``
+the theory is skipped and the report says why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+from torch import nn
+
+from ih_circuits.probes.adapters import IHAdapter, TransformerLensAdapter, adapt
+from ih_circuits.probes.behavioural import (
+    BehaviouralReport,
+    RepresentationalReport,
+    behavioural_probe,
+    representational_probe,
+)
+from ih_circuits.probes.data import Data, ProbeData, probe_data
+from ih_circuits.probes.heads import CopierReport, copier_probe, selector_probe
+from ih_circuits.theory import predicted_parent_set
+
+THEORY_BUDGET_BYTES = 512 * 2**20
+THEORY_KERNELS = 1000
+
+
+def theory_prediction(
+    adapter: TransformerLensAdapter, data: ProbeData, seed: int
+) -> tuple[tuple[int, ...] | None, str]:
+    """The theory's parent set (argmax I~ within the model's budget) and a note; (None, why) when skipped.
+
+    Budget and window: ``IHTransformer``'s max_degree and lag window; otherwise the task's number of parents
+    and its window. Memory: float64 laws of d^(window+1) windows and d^(2 order) transitions per kernel.
+    """
+    task = data.task
+    if task is None:
+        return None, "skipped: the data is not an NGramTask, so there is no prior to compute I~ from"
+    if isinstance(adapter, IHAdapter):
+        budget, window = adapter.ih.config.max_degree, max(adapter.ih.config.max_lag, task.order)
+    else:
+        budget, window = len(task.parents), task.window
+    d = task.vocab_size
+    needed = 8 * THEORY_KERNELS * 3 * (d ** (window + 1) + d ** (2 * task.order))
+    if needed > THEORY_BUDGET_BYTES:
+        return None, (
+            f"skipped: exact I~ at vocab {d}, window {window} enumerates {d}^{window + 1} histories per kernel "
+            f"(~{needed / 2**30:.3g} GiB for {THEORY_KERNELS} kernels, above {THEORY_BUDGET_BYTES / 2**30:.1f} GiB)"
+        )
+    predicted = predicted_parent_set(
+        vocab_size=d,
+        parents=task.parents,
+        alpha=task.alpha,
+        window=window,
+        max_degree=budget,
+        n_kernels=THEORY_KERNELS,
+        seed=seed,
+    )
+    return predicted, f"argmax I~ over lag sets of size <= {budget} inside 1..{window}"
+
+
+@dataclass
+class ParentReport:
+    """The parents a model uses, with the evidence.
+
+    Attributes:
+        lags: the lags the prediction conditions on (query-side behavioural probe), sorted; () if none.
+        true_parents: the data's parents, or None when the data does not know them.
+        predicted: the theory's prediction, or None when it was skipped (see ``theory_note``).
+        theory_note: how the prediction was made, or why it was skipped.
+        behavioural, representational, copier: the probe reports.
+        selector: white-box lag-set shares (``IHTransformer`` only, else None).
+    """
+
+    lags: tuple[int, ...]
+    true_parents: tuple[int, ...] | None
+    predicted: tuple[int, ...] | None
+    theory_note: str
+    behavioural: BehaviouralReport
+    representational: RepresentationalReport
+    copier: CopierReport
+    selector: dict[tuple[int, ...], float] | None = None
+
+    @property
+    def uses_context(self) -> bool:
+        """Whether the prediction depends on any lag by more than the behavioural floor."""
+        return bool(self.lags)
+
+    @property
+    def matches_truth(self) -> bool | None:
+        return None if self.true_parents is None else self.lags == self.true_parents
+
+    @property
+    def matches_theory(self) -> bool | None:
+        return None if self.predicted is None else self.lags == self.predicted
+
+    @property
+    def white_box_lags(self) -> tuple[int, ...] | None:
+        """The lag set with the largest selector share (``IHTransformer`` only)."""
+        return None if self.selector is None else next(iter(self.selector))
+
+    @property
+    def query_effects(self) -> dict[int, float]:
+        """Query-side effect of each lag tested, nats."""
+        return dict(zip(self.behavioural.lags, self.behavioural.query_effect, strict=True))
+
+    @property
+    def represented(self) -> bool:
+        """Every used lag is linearly decodable from the query's gathered history."""
+        return set(self.lags) <= set(self.representational.represented)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        frame = self.behavioural.to_dataframe().merge(self.representational.to_dataframe(), on="lag")
+        if self.true_parents is not None:
+            frame["true_parent"] = frame["lag"].isin(self.true_parents)
+        if self.predicted is not None:
+            frame["predicted"] = frame["lag"].isin(self.predicted)
+        return frame
+
+    def summary(self) -> str:
+        """One line per finding, in words."""
+        behaviour = self.behavioural
+        if not self.lags:
+            lines = [f"lags=(): {behaviour.no_context_reason()}"]
+        else:
+            effects = ", ".join(f"lag {s} {self.query_effects[s]:.3f}" for s in self.lags)
+            lines = [f"lags={self.lags} (query-side effect, nats: {effects})"]
+        if self.true_parents is not None:
+            lines.append(f"true parents {self.true_parents}: {'match' if self.matches_truth else 'differ'}")
+        if self.predicted is None:
+            lines.append(f"theory {self.theory_note}")
+        else:
+            lines.append(
+                f"theory {self.predicted} ({self.theory_note}): {'match' if self.matches_theory else 'differ'}"
+            )
+        if self.selector is not None:
+            lines.append(f"white-box selector {self.white_box_lags} ({self.selector[self.white_box_lags]:.3f})")
+        lines.append(f"linearly represented at {self.representational.site}: {self.representational.represented}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return "ParentReport(" + "; ".join(self.summary().splitlines()) + ")"
+
+    def _repr_html_(self) -> str:
+        items = "".join(f"<li>{line}</li>" for line in self.summary().splitlines())
+        return f"<ul>{items}</ul>" + self.to_dataframe().to_html(index=False, float_format="%.4f")
+
+
+def find_parents(
+    model: nn.Module,
+    data: Data,
+    *,
+    n_sequences: int = 512,
+    seed: int = 0,
+    max_lag: int | None = None,
+    query_layer: int | None = None,
+) -> ParentReport:
+    """Which parent tokens does the model's prediction condition on?
+
+    Args:
+        model: ``IHTransformer`` or any TransformerLens model, any depth.
+        data: an ``NGramTask``, a data source such as ``RepeatedTokens``, or an integer token tensor.
+        n_sequences: sequences for the behavioural probe (half as many for the linear read-out).
+        seed: fixes every draw.
+        max_lag: lags tested; default the task's window + 2, else 8.
+        query_layer: TransformerLens models: where the query's history is read (default layer 1's input).
+
+    ``.lags`` follows the package convention (lag 1 = the current token): an exact textbook induction head
+    reports ``(1,)``. A model that does not beat the in-context unigram, or whose prediction no lag moves by
+    more than 0.01 nats, reports ``()`` and says why (``summary()``).
+    """
+    adapter = adapt(model)
+    resolved = probe_data(data, adapter)
+    behavioural = behavioural_probe(
+        model, data, n_sequences=n_sequences, seed=seed, max_lag=max_lag, query_layer=query_layer
+    )
+    representational = representational_probe(
+        model, data, n_sequences=max(n_sequences // 2, 8), seed=seed, max_lag=max_lag, query_layer=query_layer
+    )
+    copier = copier_probe(model, data, seed=seed, max_lag=max_lag)
+    selector = selector_probe(model) if adapter.white_box else None
+    predicted, note = theory_prediction(adapter, resolved, seed)
+    return ParentReport(
+        behavioural.used_lags, resolved.parents, predicted, note, behavioural, representational, copier, selector
+    )
