@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv install install-dev demo test test-all lint bench browser clean
+.PHONY: venv install install-dev demo test test-slow test-all lint bench browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The end-to-end runs marked slow (trained ordinary transformers, presets); .ci/run calls it after `make test`.
+test-slow: install-dev
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: install-dev
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)

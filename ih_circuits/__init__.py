@@ -1,11 +1,11 @@
 """ih_circuits: generalized induction heads (Chen, Sheen, Wang, Yang, NeurIPS 2024) as a TransformerLens tool.
 
-Data and Bayes baselines (``NGramTask``, ``bayes_predictive``, ``gih_predictive``), the selection theory
-(``ih_circuits.theory``), the paper's two-layer model as a TransformerLens ``HookedRootModule``, training,
-probes and views. See README.md for the tour.
+Data and Bayes baselines (``NGramTask``, ``RepeatedTokens``, ``bayes_predictive``, ``gih_predictive``), the
+selection theory (``ih_circuits.theory``), the paper's two-layer model as a TransformerLens
+``HookedRootModule``, training, probes for any TransformerLens model and views. See README.md for the tour.
 """
 
-from ih_circuits import baselines, probes, theory
+from ih_circuits import baselines, probes, sources, theory
 from ih_circuits.model import IHConfig, IHTransformer, ideal_model
 from ih_circuits.predictors import (
     ModelAveraging,
@@ -23,12 +23,14 @@ from ih_circuits.predictors import (
 )
 from ih_circuits.priors import DirichletPrior, KernelPrior
 from ih_circuits.reporting import report
+from ih_circuits.sources import DataSource, RepeatedTokens
 from ih_circuits.task import NGramBatch, NGramTask
 from ih_circuits.training import PRESETS, Stage, TrainConfig, TrainingRun, train, train_preset
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataSource",
     "DirichletPrior",
     "IHConfig",
     "IHTransformer",
@@ -37,6 +39,7 @@ __all__ = [
     "NGramBatch",
     "NGramTask",
     "PRESETS",
+    "RepeatedTokens",
     "Stage",
     "TrainConfig",
     "TrainingRun",
@@ -55,6 +58,7 @@ __all__ = [
     "oracle_predictive",
     "probes",
     "report",
+    "sources",
     "theory",
     "train",
     "train_preset",

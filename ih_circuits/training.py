@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ih_circuits.adapters import white_box
 from ih_circuits.model import IHConfig, IHTransformer
 from ih_circuits.predictors import last_position_nll, next_token_nll
 from ih_circuits.task import NGramTask
@@ -154,18 +155,19 @@ def parameter_groups(model: nn.Module, groups: Sequence[str]) -> list[nn.Paramet
     """The parameters a stage moves. Groups other than ``"all"`` need an ``IHTransformer``."""
     if "all" in groups:
         return list(model.parameters())
-    if not isinstance(model, IHTransformer):
+    ours = white_box(model)
+    if ours is None:
         raise ValueError(f"parameter groups {tuple(groups)} exist only for IHTransformer; use groups=('all',)")
-    copier = model.copier
+    copier = ours.copier
     table = {
         "copier_position": [copier.w_pos],
-        "copier_token": [copier.W_QK, copier.W_V] if model.config.copier == "full" else [],
-        "selector": [model.selector.c],
-        "classifier": [model.classifier.a],
+        "copier_token": [copier.W_QK, copier.W_V] if ours.config.copier == "full" else [],
+        "selector": [ours.selector.c],
+        "classifier": [ours.classifier.a],
     }
     chosen = [p for g in groups for p in table[g]]
     if not chosen:
-        raise ValueError(f"groups {tuple(groups)} select no parameters of this model (copier={model.config.copier!r})")
+        raise ValueError(f"groups {tuple(groups)} select no parameters of this model (copier={ours.config.copier!r})")
     return chosen
 
 
@@ -175,8 +177,9 @@ def log_probs_at(model: nn.Module, tokens: Int[Tensor, "batch pos"], positions: 
     ``IHTransformer`` evaluates the query row alone; any other model (an ordinary TransformerLens model
     returning logits) runs in full and is sliced.
     """
-    if isinstance(model, IHTransformer):
-        return model.log_probs_at(tokens, positions)
+    ours = white_box(model)
+    if ours is not None:
+        return ours.log_probs_at(tokens, positions)
     log_probs = torch.log_softmax(model(tokens), dim=-1)
     return log_probs[:, -2:-1] if positions == "last" else log_probs
 
@@ -239,7 +242,7 @@ class TrainingRun:
 
     def save(self, directory: str | Path) -> Path:
         """Write the model checkpoint, task, training config, history and optimizer state to ``directory``."""
-        if not isinstance(self.model, IHTransformer):
+        if white_box(self.model) is None:
             raise ValueError("TrainingRun.save supports IHTransformer runs; save other models with their own tools")
         directory = Path(directory)
         self.model.save_pretrained(directory / "model")
@@ -302,16 +305,17 @@ class _Evaluator:
             "bayes_loss": self.bayes_loss,
             "excess_loss": eval_loss - self.bayes_loss,
         }
-        if isinstance(model, IHTransformer):
-            shares = model.selector_shares()
+        ours = white_box(model)
+        if ours is not None:
+            shares = ours.selector_shares()
             leading = max(shares, key=shares.get)
-            head_lags = model.head_lags()
-            row["a"] = model.classifier_scale()
+            head_lags = ours.head_lags()
+            row["a"] = ours.classifier_scale()
             row["leading_subset"] = str(leading)
             row["leading_lags"] = str(tuple(sorted(head_lags[h] for h in leading)))
             row["predicted_lags"] = str(run.predicted_lags)
             row.update({subset_column(s): v for s, v in shares.items()})
-            weights = model.copier_weights().cpu()
+            weights = ours.copier_weights().cpu()
             for h in range(weights.shape[0]):
                 row.update({f"w[{h},{m}]": float(weights[h, m]) for m in range(weights.shape[1])})
         return row
@@ -431,8 +435,9 @@ def train(
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig; got {type(config).__name__}")
     predicted = None
-    if isinstance(model, IHTransformer):
-        cfg = model.config
+    ours = white_box(model)
+    if ours is not None:
+        cfg = ours.config
         if cfg.d_vocab != task.vocab_size:
             raise ValueError(f"model d_vocab={cfg.d_vocab} but task vocab_size={task.vocab_size}")
         if task.seq_len > cfg.n_ctx:

@@ -96,7 +96,7 @@ def attention_data(
     task's parents) matches the final query's are marked with ``*`` (for ``IHTransformer`` key j holds token
     j+1, so the mark sits on j). Titles tell the paper's story only for ``IHTransformer``.
     """
-    from ih_circuits.probes.adapters import IHAdapter, adapt
+    from ih_circuits.adapters import IHAdapter, adapt
     from ih_circuits.probes.heads import copier_probe, history_matches, offset_mass
 
     adapter = adapt(model)

@@ -30,8 +30,30 @@ def test_attention_views_inline_the_bundle_and_mark_lags(run):
 
 
 def test_attention_view_rejects_a_bad_layer(run):
-    with pytest.raises(ValueError, match="layer must be 0"):
+    with pytest.raises(ValueError, match="layer must be an integer in 0..1; got 2"):
         views.attention_data(run.model, run.task.sample(1, seed=0).tokens, layer=2)
+
+
+def test_attention_views_of_any_layer_of_another_model_have_neutral_titles():
+    """A 3-layer hand-wired induction circuit: every layer renders, heads are named by their offset, the keys
+    whose history matches the last query's are starred, and no title tells the paper's story."""
+    from tests.probes.circuits import induction_circuit
+
+    model = induction_circuit((1,), d_vocab=8, n_ctx=32, n_layers=3)
+    tokens = ih.RepeatedTokens(8, 32, 3, 10).sample(1, seed=0)
+    titles = []
+    for layer in range(3):
+        data = views.attention_data(model, tokens, layer, lags=(1,))
+        titles.append(data.title)
+        assert data.props["attention"].shape == (model.cfg.n_heads, 32, 32)
+        assert "copier" not in data.title and "classifier" not in data.title
+    assert views.attention_data(model, tokens, 0).props["attentionHeadNames"][0] == "L0H0 (offset 1)"
+    # The last token's earlier copies are followed by the keys the induction head reads: each is starred.
+    labels = views.attention_data(model, tokens, 2, lags=(1,)).props["tokens"]
+    current = int(tokens[0, -2])
+    expected = {j for j in range(1, 31) if int(tokens[0, j - 1]) == current}
+    assert {j for j, label in enumerate(labels) if label.endswith("*")} == expected and expected
+    assert all(title.startswith(f"Layer {layer} attention of TransformerBridge") for layer, title in enumerate(titles))
 
 
 def test_every_figure_renders(run):

@@ -20,7 +20,7 @@ All probes look at the query row T-2 (the prediction of the last token) unless t
 Every probe leaves the model as it found it (hooks removed, parameters and mode untouched).
 """
 
-from ih_circuits.probes.adapters import IHAdapter, TransformerLensAdapter, adapt
+from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
 from ih_circuits.probes.behavioural import (
     BehaviouralReport,
     RepresentationalReport,

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ih_circuits.adapters import TransformerLensAdapter, adapt
 from ih_circuits.predictors import kl_divergence, unigram_predictive
-from ih_circuits.probes.adapters import TransformerLensAdapter, adapt
 from ih_circuits.probes.data import Data, ProbeData, probe_data, resample_positions
 from ih_circuits.training import derive_seed
 
@@ -324,7 +324,7 @@ def representational_probe(
     adapter = adapt(model)
     resolved = probe_data(data, adapter)
     max_lag = check_max_lag(max_lag, resolved)
-    site = adapter.history_features_site(query_layer)
+    site = adapter.history_site(query_layer)
     tokens = resolved.tokens_for(n_sequences, seed, "representational", adapter.device)
     if tokens.shape[0] < 4:
         raise ValueError(f"the representational probe needs >= 4 sequences; got {tokens.shape[0]}")

@@ -20,7 +20,7 @@ from ih_circuits.task import NGramTask
 from ih_circuits.training import derive_seed
 
 if TYPE_CHECKING:
-    from ih_circuits.probes.adapters import TransformerLensAdapter
+    from ih_circuits.adapters import TransformerLensAdapter
 
 Data = NGramTask | DataSource | Tensor
 DEFAULT_MAX_LAG = 8

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
 from ih_circuits.chain import history_codes, validate_lags
 from ih_circuits.predictors import gih_predictive, kl_divergence, unigram_predictive
-from ih_circuits.probes.adapters import IHAdapter, TransformerLensAdapter, adapt
-from ih_circuits.probes.data import ProbeData, probe_data
+from ih_circuits.probes.data import Data, ProbeData, probe_data
 from ih_circuits.probes.heads import ROLE_THRESHOLD, CopierReport, offset_mass, scan_heads
 from ih_circuits.probes.parents import ParentReport, find_parents
 
@@ -179,7 +179,7 @@ class _Scorer:
 
 def decomposition_test(
     model: nn.Module,
-    data: Any,
+    data: Data,
     *,
     lags: tuple[int, ...] | None = None,
     n_sequences: int = 256,
@@ -298,7 +298,7 @@ def _replacements(
 
 def _surrogate(
     adapter: TransformerLensAdapter,
-    data: Any,
+    data: Data,
     tokens: Tensor,
     lags: tuple[int, ...],
     n_sequences: int,

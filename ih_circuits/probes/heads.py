@@ -26,8 +26,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
 from ih_circuits.chain import validate_lags
-from ih_circuits.probes.adapters import IHAdapter, TransformerLensAdapter, adapt
+from ih_circuits.probes.behavioural import behavioural_probe, check_max_lag
 from ih_circuits.probes.data import Data, probe_data
 
 ROLE_THRESHOLD = 0.5
@@ -120,8 +121,6 @@ def scan_heads(
         n_sequences: sequences drawn from a source (a tensor is used as given).
         max_offset: offsets 0..max_offset considered; default the data's lag range.
     """
-    from ih_circuits.probes.behavioural import behavioural_probe, check_max_lag
-
     adapter = adapt(model)
     resolved = probe_data(data, adapter)
     max_offset = check_max_lag(max_offset, resolved)
@@ -234,8 +233,6 @@ def copier_probe(
     exists (``from_patterns=True`` measures the positional copier that way too). A previous-token head
     (offset 1) reads lag 2 of the prediction: ``offsets`` gives the offsets.
     """
-    from ih_circuits.probes.behavioural import check_max_lag
-
     adapter = adapt(model)
     resolved = probe_data(data, adapter)
     adapter.check_layer(layer, "layer")
@@ -330,8 +327,6 @@ def classifier_probe(
     With ``lags=(1,)`` this is the usual induction score. ``lags`` defaults to the behavioural probe's answer;
     ``layer`` to the last layer. For ``IHTransformer`` the ideal is the GIH's mass e^a N / (e^a N + T' - N).
     """
-    from ih_circuits.probes.behavioural import behavioural_probe
-
     adapter = adapt(model)
     resolved = probe_data(data, adapter)
     layer = adapter.n_layers - 1 if layer is None else adapter.check_layer(layer, "layer")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import nn
 
-from ih_circuits.probes.adapters import IHAdapter, TransformerLensAdapter, adapt
+from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
 from ih_circuits.probes.behavioural import (
     BehaviouralReport,
     RepresentationalReport,

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ih_circuits.probes.adapters import adapt
+from ih_circuits.adapters import adapt
 from ih_circuits.probes.data import Data, probe_data, resample_positions
 from ih_circuits.training import derive_seed
 

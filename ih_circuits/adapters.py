@@ -1,5 +1,8 @@
 """Model adapters: the one place that knows how a model lays out its computation.
 
+``white_box(model)`` is the single test of "is this our ``IHTransformer``?" that the trainer uses (to pick
+parameter groups, record selector shares and save checkpoints); the probes and views use ``adapt(model)``.
+
 The probes ask a model a few questions: its vocabulary and context, its attention patterns per layer, its
 next-token log-probabilities at the query row, and where the query row's *history* lives (the activation
 that carries what the query has gathered about its own recent tokens before it is matched against the
@@ -72,10 +75,6 @@ class TransformerLensAdapter:
         """The hook whose query row holds what the query gathered before layer ``query_layer``."""
         layer = self.default_query_layer() if query_layer is None else self.check_layer(query_layer, "query_layer")
         return f"blocks.{layer}.hook_resid_pre"
-
-    def history_features_site(self, query_layer: int | None) -> str:
-        """Where a linear probe reads the gathered history (the same residual stream)."""
-        return self.history_site(query_layer)
 
     @torch.no_grad()
     def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
@@ -159,9 +158,6 @@ class IHAdapter(TransformerLensAdapter):
             raise ValueError(f"query_layer must be None or 1 for IHTransformer (the classifier); got {query_layer!r}")
         return "blocks.0.attn.hook_result"
 
-    def history_features_site(self, query_layer: int | None) -> str:
-        return self.history_site(query_layer)
-
     @torch.no_grad()
     def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
         parts = [self.ih.log_probs_at(part, "last")[:, 0].float() for part in tokens.split(CHUNK)]
@@ -171,8 +167,12 @@ class IHAdapter(TransformerLensAdapter):
         return self.ih.config.n_heads if layer == 0 else 1
 
 
+def white_box(model: nn.Module) -> IHTransformer | None:
+    """``model`` itself when it is an ``IHTransformer`` (its parts can be read and swapped), else None."""
+    return model if isinstance(model, IHTransformer) else None
+
+
 def adapt(model: nn.Module) -> TransformerLensAdapter:
     """The adapter for ``model``: ``IHAdapter`` for ``IHTransformer``, else ``TransformerLensAdapter``."""
-    if isinstance(model, IHTransformer):
-        return IHAdapter(model)
-    return TransformerLensAdapter(model)
+    ours = white_box(model)
+    return IHAdapter(ours) if ours is not None else TransformerLensAdapter(model)

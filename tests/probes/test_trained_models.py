@@ -1,0 +1,102 @@
+"""Probes on ordinary TransformerLens models trained in the test suite (attention-only, 2 layers, rotary).
+
+Recipes (hyperparameters found by a sweep on this 2-core machine, seeds 0-2 all form the circuit):
+repeated random tokens, vocabulary 32, length 40, periods 4..12; d_model 32, 2 heads, LayerNorm; Adam lr 1e-2,
+batch 64, 320 steps. Measured: a layer-0 previous-token head and layer-1 induction heads; query-side effects
+about 4.1 nats on lag 1 and 0.7 on lag 2 (the model partly matches on lag 2 too), < 0.05 beyond.
+"""
+
+import pytest
+
+from ih_circuits import NGramTask, RepeatedTokens
+from ih_circuits.baselines import ordinary_transformer, train_on_source
+from ih_circuits.probes import decomposition_test, find_parents, scan_heads
+
+SOURCE = RepeatedTokens(vocab_size=32, seq_len=40, min_period=4, max_period=12)
+SHAPE = {"d_model": 32, "n_heads": 2, "n_layers": 2, "positional_embedding_type": "rotary"}
+
+
+@pytest.fixture(scope="module")
+def repeated_model():
+    model = ordinary_transformer(SOURCE, seed=0, **SHAPE)
+    losses = train_on_source(model, SOURCE, steps=320, batch_size=64, lr=1e-2, seed=0)
+    return model, losses
+
+
+def test_training_on_repeated_tokens_forms_an_induction_circuit(repeated_model):
+    model, losses = repeated_model
+    # A uniform guess costs log 32 = 3.47 nats; copying the second repeat makes about half the positions free.
+    assert losses["loss"].iloc[-20:].mean() < 0.6 * losses["loss"].iloc[:5].mean()
+    heads = scan_heads(model, SOURCE, lags=(1,), n_sequences=64)
+    layer0 = heads[heads["layer"] == 0]
+    previous = layer0[(layer0["offset"] == 1) & (layer0["role"] == "copier")]
+    assert len(previous) >= 1
+    assert set(heads[heads["role"] == "induction"]["layer"]) == {1}
+
+
+def test_trained_model_conditions_on_the_current_token_not_on_the_period(repeated_model):
+    model, _ = repeated_model
+    # Lags up to 14 include every "period lag" p + 1 (p = 4..12): where the earlier copy of the current token sits.
+    report = find_parents(model, SOURCE, n_sequences=256, max_lag=14)
+    effects = report.query_effects
+    assert report.lags[0] == 1 and set(report.lags) <= {1, 2}
+    assert effects[1] > 2.0 and effects[1] > 3 * effects[2]
+    assert max(effects[s] for s in range(3, 15)) < 0.1
+    assert report.matches_truth is (report.lags == (1,))
+    verdict = decomposition_test(model, SOURCE, lags=(1,), n_sequences=128)
+    structural = {check for check, _ in verdict.failing} & {"parents", "induction head", "copier heads"}
+    assert not structural, verdict.reason
+
+
+def test_untrained_model_of_the_same_shape_reports_no_parents():
+    model = ordinary_transformer(SOURCE, seed=0, **SHAPE)
+    report = find_parents(model, SOURCE, n_sequences=256)
+    assert report.lags == () and not report.uses_context
+    assert "does not use its context" in report.summary()
+    assert decomposition_test(model, SOURCE, n_sequences=64).verdict == "not a GIH circuit"
+
+
+# n-gram recipes (sweep on this machine, seeds 0 and 1): (1, 2) needs a smaller init than the default to leave
+# the unigram plateau reliably (excess over Bayes 0.051 / 0.066 after 500 steps, ~26 s); (1, 3) needs a wider
+# model and 750 steps (excess 0.035 / 0.051, ~110 s). Measured KL by lag: parents 0.6-1.1, others 0.02-0.06.
+NGRAM_RECIPES = {
+    (1, 2): ({"d_model": 32, "n_heads": 2, "initializer_range": 0.05}, 500),
+    (1, 3): ({"d_model": 64, "n_heads": 8}, 750),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parents", sorted(NGRAM_RECIPES), ids=str)
+def test_ordinary_model_trained_on_ngrams_reports_its_parents(parents):
+    task = NGramTask(vocab_size=3, parents=parents, seq_len=41, alpha=0.1)
+    shape, steps = NGRAM_RECIPES[parents]
+    model = ordinary_transformer(task, seed=0, n_layers=2, **shape)
+    train_on_source(model, task, steps=steps, batch_size=128, lr=3e-3, seed=0)
+    report = find_parents(model, task, n_sequences=512)
+    assert report.lags == parents and report.matches_truth, report.summary()
+    assert report.matches_theory, report.summary()
+
+
+@pytest.mark.slow
+def test_a_three_layer_model_runs_through_every_probe():
+    model = ordinary_transformer(SOURCE, seed=0, **{**SHAPE, "n_layers": 3})
+    train_on_source(model, SOURCE, steps=320, batch_size=64, lr=1e-2, seed=0)
+    report = find_parents(model, SOURCE, n_sequences=256)
+    heads = scan_heads(model, SOURCE, n_sequences=64)
+    verdict = decomposition_test(model, SOURCE, n_sequences=64)
+    assert len(heads) == 3 * 2 and set(heads["layer"]) == {0, 1, 2}
+    assert report.lags[:1] == (1,) and verdict.verdict in ("holds", "GIH circuit with smoothing", "not a GIH circuit")
+
+
+@pytest.mark.slow
+def test_the_readme_snippet_runs_as_written():
+    """The code block under "## Probe your own model" in README.md, executed verbatim."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Probe your own model") :]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["report"].lags[0] == 1
