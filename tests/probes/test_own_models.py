@@ -98,3 +98,17 @@ def test_find_parents_at_a_realistic_vocabulary_skips_the_theory():
     report = find_parents(model, data, n_sequences=128)
     assert report.predicted is None and report.theory_note.startswith("skipped: exact I~ at vocab 50, window 8")
     assert report.lags == (1,) and report.behavioural.lags == list(range(1, 11))
+
+
+def test_every_probe_accepts_a_plain_token_tensor():
+    """Tokens from anywhere: no parents known, no theory, no Bayes loss; the answers still come from the model."""
+    model, source = circuit_for((1,))
+    tokens = source.sample(64, seed=2)
+    report = find_parents(model, tokens)
+    assert report.lags == (1,) and report.true_parents is None and report.matches_truth is None
+    assert report.predicted is None and "not an NGramTask" in report.theory_note
+    heads = scan_heads(model, tokens)
+    assert heads.attrs["lags"] == (1,) and list(heads["role"]) == ["copier", "induction"]
+    verdict = decomposition_test(model, tokens)
+    assert verdict.true_parents is None and "bayes" not in verdict.losses
+    assert verdict.verdict in ("holds", "GIH circuit with smoothing") and verdict.lags == (1,)
