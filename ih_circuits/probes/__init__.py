@@ -9,7 +9,8 @@ Conventions: position t predicts token t+1; *lag s* of that prediction is the to
 All probes look at the query row T-2 (the prediction of the last token) unless they say otherwise.
 
 - ``data``: ``probe_data`` (what the data is and knows) and ``resample_positions``;
-- ``adapters``: the one place that knows a model's layout (``adapt``);
+- ``ih_circuits.adapters`` (below training, so the trainer shares it): the one place that knows a model's
+  layout (``adapt``, re-exported here);
 - ``behavioural``: query-side resampling per lag (``behavioural_probe``) and linear read-outs
   (``representational_probe``);
 - ``heads``: ``scan_heads`` (role of every head), ``copier_probe``, ``selector_probe``, ``classifier_probe``;
