@@ -62,9 +62,9 @@ class TransformerLensAdapter:
         self.check_layer(layer, "layer")
         return f"blocks.{layer}.attn.hook_pattern"
 
-    def check_layer(self, layer: int, name: str, low: int = 0) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer < self.n_layers:
-            raise ValueError(f"{name} must be an integer in {low}..{self.n_layers - 1}; got {layer!r}")
+    def check_layer(self, layer: int, name: str) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"{name} must be an integer in 0..{self.n_layers - 1}; got {layer!r}")
         return layer
 
     def default_query_layer(self) -> int:
@@ -149,9 +149,6 @@ class IHAdapter(TransformerLensAdapter):
     def __init__(self, model: IHTransformer) -> None:
         super().__init__(model)
         self.ih = model
-
-    def default_query_layer(self) -> int:
-        return 1
 
     def history_site(self, query_layer: int | None) -> str:
         if query_layer not in (None, 1):

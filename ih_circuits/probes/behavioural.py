@@ -54,7 +54,8 @@ class BehaviouralReport:
         query_stderr: its standard error over sequences.
         total_effect: mean KL when the token is resampled everywhere (it also moves the context the query reads).
         total_stderr: its standard error.
-        used_lags: lags whose query-side effect exceeds ``floor``, ``threshold`` x the largest and 3 stderr.
+        used_lags: lags whose query-side effect exceeds ``floor``, ``threshold`` x the largest and 3 stderr, and
+            whose corruption raises the query loss by more than 3 stderr.
         threshold: the relative bar.
         floor: the absolute bar, nats.
         history_site: the activation patched at the query row for the query-side effect.
@@ -86,7 +87,7 @@ class BehaviouralReport:
 
     @property
     def uses_context(self) -> bool:
-        """Whether the model beats the unigram and some lag moves its prediction past every bar."""
+        """Whether some lag passes every bar (the model conditions on its context)."""
         return bool(self.used_lags)
 
     def no_context_reason(self) -> str | None:
@@ -141,16 +142,16 @@ def check_max_lag(max_lag: int | None, data: ProbeData) -> int:
 def lag_effects(
     adapter: TransformerLensAdapter,
     tokens: Int[Tensor, "batch pos"],
+    clean: Float[Tensor, "batch d_vocab"],
     lags: list[int],
     seed: int,
     query_layer: int | None = None,
 ) -> tuple[Float[Tensor, "lag batch"], Float[Tensor, "lag batch"], Float[Tensor, "lag batch"]]:
     """Per lag and sequence: KL(clean || corrupted) at the query row (query side, total) and the query-side rise
-    of the loss on the true last token."""
+    of the loss on the true last token; ``clean`` is the model's query-row log-probabilities on ``tokens``."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "resample") % 2**62)
     n_pos = tokens.shape[1]
     corrupted = resample_positions(tokens, [n_pos - 1 - lag for lag in lags], generator)
-    clean = adapter.query_log_probs(tokens)
     total, query_side = adapter.corrupted_log_probs(
         tokens.repeat(len(lags), 1), corrupted.flatten(0, 1), query_layer=query_layer
     )
@@ -201,11 +202,15 @@ def behavioural_probe(
     site = adapter.history_site(query_layer)
     tokens = resolved.tokens_for(n_sequences, seed, "behavioural", adapter.device)
     lags = list(range(1, max_lag + 1))
-    query_kl, total_kl, hurt = lag_effects(adapter, tokens, lags, seed, query_layer)
+    clean = adapter.query_log_probs(tokens)
+    query_kl, total_kl, hurt = lag_effects(adapter, tokens, clean, lags, seed, query_layer)
     query_mean, query_stderr = _mean_stderr(query_kl)
     total_mean, total_stderr = _mean_stderr(total_kl)
     hurt_mean, hurt_stderr = _mean_stderr(hurt)
-    model_loss, unigram_loss, loss_stderr = _losses_against_unigram(adapter, tokens, resolved)
+    nll = query_nlls(tokens, clean, resolved, adapter.d_vocab)
+    difference = nll["unigram"] - nll["model"]
+    model_loss, unigram_loss = float(nll["model"].mean()), float(nll["unigram"].mean())
+    loss_stderr = float(difference.std() / math.sqrt(len(difference)))
     largest = max(query_mean)
     used = tuple(
         s
@@ -230,18 +235,21 @@ def behavioural_probe(
     )
 
 
-def _losses_against_unigram(
-    adapter: TransformerLensAdapter, tokens: Int[Tensor, "batch pos"], data: ProbeData
-) -> tuple[float, float, float]:
-    """Query-row loss of the model and of the in-context unigram (pseudo-count = the task's alpha, else 0.1),
-    and the standard error of their paired difference."""
-    alpha = data.task.alpha if data.task is not None else 0.1
+def query_nlls(
+    tokens: Int[Tensor, "batch pos"], model_log_probs: Float[Tensor, "batch d_vocab"], data: ProbeData, d_vocab: int
+) -> dict[str, Float[Tensor, " batch"]]:
+    """Per-sequence query-row loss (nats) on the last token: the model's, the in-context unigram's (pseudo-count =
+    the task's alpha, else 0.1) and, for n-gram data, the Bayes predictor's."""
     target = tokens[:, -1:]
-    model_nll = -adapter.query_log_probs(tokens).gather(1, target)[:, 0].double().cpu()
-    unigram = unigram_predictive(tokens[:, :-1], alpha, d_vocab=adapter.d_vocab)[:, -1]
-    unigram_nll = -unigram.log().gather(1, target.to(unigram.device))[:, 0].double().cpu()
-    difference = unigram_nll - model_nll
-    return float(model_nll.mean()), float(unigram_nll.mean()), float(difference.std() / math.sqrt(len(difference)))
+    task = data.task
+    alpha = task.alpha if task is not None else 0.1
+    predictors = {"unigram": unigram_predictive(tokens[:, :-1], alpha, d_vocab=d_vocab)[:, -1]}
+    if task is not None:
+        predictors["bayes"] = task.bayes_predictive(tokens[:, :-1])[:, -1]
+    nlls = {"model": -model_log_probs.gather(1, target)[:, 0].double().cpu()}
+    for name, probs in predictors.items():
+        nlls[name] = -probs.log().gather(1, target.to(probs.device))[:, 0].double().cpu()
+    return nlls
 
 
 @dataclass

@@ -16,7 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ih_circuits.sources import DataSource, sample_tokens
-from ih_circuits.task import NGramTask
+from ih_circuits.task import NGramTask, check_tokens
 from ih_circuits.training import derive_seed
 
 if TYPE_CHECKING:
@@ -78,16 +78,9 @@ def probe_data(data: Data, adapter: TransformerLensAdapter) -> ProbeData:
         adapter: the model's adapter (its vocabulary and context length bound the data).
     """
     if isinstance(data, Tensor):
-        if data.ndim != 2 or data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
-            raise ValueError(
-                f"data as a tensor must hold integer token ids [batch, pos]; got dtype {data.dtype}, "
-                f"shape {tuple(data.shape)}"
-            )
+        check_tokens(data, adapter.d_vocab, "data")
         if data.shape[0] < 2 or data.shape[1] < 3:
             raise ValueError(f"data must have >= 2 sequences of >= 3 tokens; got shape {tuple(data.shape)}")
-        low, high = int(data.min()), int(data.max())
-        if low < 0 or high >= adapter.d_vocab:
-            raise ValueError(f"data tokens must lie in [0, d_vocab={adapter.d_vocab}); got range [{low}, {high}]")
         if data.shape[1] > adapter.n_ctx:
             raise ValueError(f"data has {data.shape[1]} positions; the model's n_ctx is {adapter.n_ctx}")
         return ProbeData(None, data.long(), data.shape[1], None, None)

@@ -27,13 +27,14 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor, nn
 
 from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
 from ih_circuits.chain import history_codes, validate_lags
-from ih_circuits.predictors import gih_predictive, kl_divergence, unigram_predictive
-from ih_circuits.probes.data import Data, ProbeData, probe_data
+from ih_circuits.predictors import gih_predictive, kl_divergence
+from ih_circuits.probes.behavioural import query_nlls
+from ih_circuits.probes.data import Data, probe_data
 from ih_circuits.probes.heads import ROLE_THRESHOLD, CopierReport, offset_mass, scan_heads
 from ih_circuits.probes.parents import ParentReport, find_parents
 
@@ -212,7 +213,9 @@ def decomposition_test(
     tokens = resolved.tokens_for(n_sequences, seed, "decomposition", adapter.device)
     target = tokens[:, -1]
     model_log_probs = adapter.query_log_probs(tokens)
-    losses = _losses(tokens, model_log_probs, resolved, adapter.d_vocab)
+    losses = {
+        name: float(nll.mean()) for name, nll in query_nlls(tokens, model_log_probs, resolved, adapter.d_vocab).items()
+    }
     scorer = _Scorer(model_log_probs, target, losses, kl_threshold, recovered_threshold)
     thresholds = {"kl": kl_threshold, "recovered": recovered_threshold, "control_ratio": control_ratio}
     failing: list[tuple[str, str]] = []
@@ -236,23 +239,6 @@ def decomposition_test(
     return DecompositionReport(
         verdict, lags, resolved.parents, rows, losses, thresholds, structural + failing, method, parents
     )
-
-
-def _losses(
-    tokens: Int[Tensor, "batch pos"], model_log_probs: Float[Tensor, "batch d_vocab"], data: ProbeData, d_vocab: int
-) -> dict[str, float]:
-    target = tokens[:, -1:]
-    task = data.task
-    alpha = task.alpha if task is not None else 0.1
-    unigram = unigram_predictive(tokens[:, :-1], alpha, d_vocab=d_vocab)[:, -1]
-    losses = {
-        "model": float(-model_log_probs.gather(1, target).mean()),
-        "unigram": float(-unigram.log().gather(1, target.to(unigram.device)).mean()),
-    }
-    if task is not None:
-        bayes = task.bayes_predictive(tokens[:, :-1])[:, -1]
-        losses["bayes"] = float(-bayes.log().gather(1, target.to(bayes.device)).mean())
-    return losses
 
 
 def _replacements(

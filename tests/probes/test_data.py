@@ -43,9 +43,9 @@ def test_probe_data_accepts_tasks_sources_and_tensors_and_refuses_the_rest():
     assert from_source.parents == (1,) and from_source.max_lag() == 8
     task = NGramTask(vocab_size=3, parents=(1, 2), seq_len=30, window=3)
     assert probe_data(task, adapter).task is task and probe_data(task, adapter).max_lag() == 5
-    with pytest.raises(ValueError, match="data tokens must lie in \\[0, d_vocab=10\\)"):
+    with pytest.raises(ValueError, match="data must be integers in \\[0, d_vocab=10\\)"):
         probe_data(tokens + 5, adapter)
-    with pytest.raises(ValueError, match="integer token ids"):
+    with pytest.raises(ValueError, match="data must have an integer dtype"):
         probe_data(tokens.float(), adapter)
     with pytest.raises(ValueError, match="n_ctx is 40"):
         probe_data(torch.zeros(4, 41, dtype=torch.long), adapter)
