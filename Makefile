@@ -8,8 +8,10 @@ PIP := $(PY) -m pip
 # GPU users: `make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>" install`, or install torch first.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Extra requirement installed with the package: `make test-tl3` sets it to the newest TransformerLens 3.x.
+TL_SPEC ?=
 
-.PHONY: venv install install-dev demo test test-slow test-all lint bench browser clean
+.PHONY: venv install install-dev demo test test-slow test-tl3 test-all lint bench browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +24,11 @@ $(VENV)/.torch: | $(PY)
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e .
+	$(PIP) install -q -e . $(if $(TL_SPEC),'$(TL_SPEC)')
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev]" $(if $(TL_SPEC),'$(TL_SPEC)')
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -42,6 +44,10 @@ test: install-dev
 # The end-to-end runs marked slow (trained ordinary transformers, presets); .ci/run calls it after `make test`.
 test-slow: install-dev
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The fast tier again on TransformerLens 3.x (which still has HookedTransformer), in its own venv.
+test-tl3:
+	$(MAKE) VENV=.venv-tl3 TL_SPEC="transformer-lens>=3.0,<4" test
 
 test-all: install-dev
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
@@ -63,4 +69,4 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-tl3 .pytest_cache .ruff_cache *.egg-info

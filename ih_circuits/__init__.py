@@ -6,7 +6,7 @@ selection theory (``ih_circuits.theory``), the paper's two-layer model as a Tran
 """
 
 from ih_circuits import baselines, probes, sources, theory
-from ih_circuits.model import IHConfig, IHTransformer, ideal_model
+from ih_circuits.model import IHActivationCache, IHConfig, IHTransformer, get_act_patch_stage_out, ideal_model
 from ih_circuits.predictors import (
     ModelAveraging,
     accuracy,
@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DataSource",
     "DirichletPrior",
+    "IHActivationCache",
     "IHConfig",
     "IHTransformer",
     "KernelPrior",
@@ -48,6 +49,7 @@ __all__ = [
     "baselines",
     "bayes_predictive",
     "candidate_parent_sets",
+    "get_act_patch_stage_out",
     "gih_predictive",
     "ideal_model",
     "kl_divergence",

@@ -160,8 +160,13 @@ class IHAdapter(TransformerLensAdapter):
         parts = [self.ih.log_probs_at(part, "last")[:, 0].float() for part in tokens.split(CHUNK)]
         return torch.cat(parts)
 
+    @torch.no_grad()
+    def patterns(self, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch head query_pos key_pos"]:
+        """The pattern of every head that computes something (layer 1's inert head slots left out)."""
+        return super().patterns(tokens, layer)[:, : self.n_heads(layer)]
+
     def n_heads(self, layer: int) -> int:
-        return self.ih.config.n_heads if layer == 0 else 1
+        return self.ih.heads_per_layer[layer]
 
 
 def white_box(model: nn.Module) -> IHTransformer | None:

@@ -1,11 +1,12 @@
 """Ordinary transformers on the same task: an attention-only 2-layer TransformerLens model.
 
-TransformerLens 4.x builds small models without any download through
-``TransformerBridge.boot_native(TransformerBridgeConfig(...))``. Its native model offers absolute
-("standard") and rotary positions but no relative-position attention like the paper's copier, so we use
-rotary, the closest option: attention scores then depend on positions only through their offset. The
-model maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]`` (row t predicts token t+1), so
-``ih_circuits.train`` trains it with the every-position objective and the probes run on it.
+Built offline from a config, with whichever model class the installed TransformerLens offers: a
+``HookedTransformer`` on TransformerLens 3.x (and 2.x), a ``TransformerBridge`` (``boot_native``) on 4.x,
+where ``HookedTransformer`` no longer exists. Neither offers relative-position attention like the paper's
+copier, so we default to rotary positions, the closest option: attention scores then depend on positions
+only through their offset. The model maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]`` (row t
+predicts token t+1), so ``ih_circuits.train`` trains it with the every-position objective and the probes
+run on it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,23 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from transformer_lens import TransformerBridge, TransformerBridgeConfig
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
 
 from ih_circuits.sources import DataSource, sample_tokens
 from ih_circuits.task import NGramTask
 from ih_circuits.training import Stage, TrainConfig, TrainingRun, train
+
+KINDS = ("auto", "hooked", "bridge")
+
+
+def has_hooked_transformer() -> bool:
+    """Whether the installed TransformerLens has ``HookedTransformer`` (3.x and earlier; 4.x removed it)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def ordinary_transformer(
@@ -30,10 +43,11 @@ def ordinary_transformer(
     n_layers: int = 2,
     positional_embedding_type: str = "rotary",
     normalization_type: str | None = "LN",
+    kind: str = "auto",
     seed: int = 0,
     device: str = "cpu",
     **config: Any,
-) -> TransformerBridge:
+) -> nn.Module:
     """An attention-only TransformerLens model sized for ``task`` (vocabulary and sequence length).
 
     Args:
@@ -42,14 +56,25 @@ def ordinary_transformer(
         positional_embedding_type: ``"rotary"`` (default, relative offsets) or ``"standard"`` (learned
             absolute positions).
         normalization_type: ``"LN"`` (default) or None.
+        kind: ``"auto"`` (``HookedTransformer`` where the installed TransformerLens has it, else
+            ``TransformerBridge``), ``"hooked"`` or ``"bridge"``.
         seed: initialisation seed.
-        **config: any other ``TransformerBridgeConfig`` field.
+        **config: any other field of the model's config (``HookedTransformerConfig`` or
+            ``TransformerBridgeConfig``), e.g. ``initializer_range``.
     """
     if d_model % n_heads:
         raise ValueError(f"d_model must be divisible by n_heads; got d_model={d_model}, n_heads={n_heads}")
     if positional_embedding_type not in ("rotary", "standard"):
         raise ValueError(f"positional_embedding_type must be 'rotary' or 'standard'; got {positional_embedding_type!r}")
-    cfg = TransformerBridgeConfig(
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    hooked_available = has_hooked_transformer()
+    if kind == "hooked" and not hooked_available:
+        raise ValueError(
+            "kind='hooked' needs HookedTransformer, which TransformerLens 4.x removed; install "
+            "'transformer-lens>=3.0,<4' or use kind='bridge'"
+        )
+    fields = dict(
         d_model=d_model,
         d_head=d_model // n_heads,
         n_layers=n_layers,
@@ -62,8 +87,13 @@ def ordinary_transformer(
         seed=seed,
         **config,
     )
-    model = TransformerBridge.boot_native(cfg)
-    return model if device == "cpu" else model.to(device)
+    if kind == "bridge" or not hooked_available:
+        model = TransformerBridge.boot_native(TransformerBridgeConfig(**fields))
+    else:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        model = HookedTransformer(HookedTransformerConfig(**fields, device="cpu"))
+    return model.eval() if device == "cpu" else model.to(device).eval()
 
 
 def baseline_train_config(*, steps: int = 800, seed: int = 0, batch_size: int = 128, lr: float = 3e-3) -> TrainConfig:

@@ -5,7 +5,7 @@ import torch
 from transformer_lens import ActivationCache
 
 from ih_circuits import NGramTask, last_position_nll, next_token_nll, unigram_predictive
-from ih_circuits.baselines import ordinary_transformer, train_ordinary_transformer
+from ih_circuits.baselines import has_hooked_transformer, ordinary_transformer, train_ordinary_transformer
 from ih_circuits.training import Stage, TrainConfig, train
 
 
@@ -22,6 +22,27 @@ def test_builds_offline_and_speaks_transformer_lens(task):
     assert isinstance(cache, ActivationCache)
     assert cache["pattern", 0].shape == (4, 2, 41, 41)
     assert "blocks.0.mlp.hook_post" not in cache  # attention only
+
+
+def test_auto_builds_a_hooked_transformer_where_transformer_lens_has_one(task):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = ordinary_transformer(task, d_model=16, n_heads=2)
+    if has_hooked_transformer():
+        from transformer_lens import HookedTransformer
+
+        assert isinstance(model, HookedTransformer)
+    else:
+        assert isinstance(model, TransformerBridge)
+    bridge = ordinary_transformer(task, d_model=16, n_heads=2, kind="bridge")
+    assert isinstance(bridge, TransformerBridge) and not model.training and not bridge.training
+
+
+def test_kind_hooked_on_transformer_lens_4_says_why_not(task):
+    if has_hooked_transformer():
+        pytest.skip("this TransformerLens has HookedTransformer")
+    with pytest.raises(ValueError, match="kind='hooked' needs HookedTransformer, which TransformerLens 4.x removed"):
+        ordinary_transformer(task, kind="hooked")
 
 
 def test_same_seed_same_weights(task):
@@ -50,6 +71,8 @@ def test_bad_arguments(task):
         ordinary_transformer(task, d_model=10, n_heads=3)
     with pytest.raises(ValueError, match="positional_embedding_type"):
         ordinary_transformer(task, positional_embedding_type="alibi")
+    with pytest.raises(ValueError, match=r"kind must be one of \('auto', 'hooked', 'bridge'\)"):
+        ordinary_transformer(task, kind="hf")
 
 
 @pytest.mark.slow

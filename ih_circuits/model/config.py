@@ -132,23 +132,28 @@ class IHConfig:
         return dataclasses.replace(self, **changes)
 
     def to_transformer_lens(self) -> TransformerLensConfig:
-        """The TransformerLens view that TL utilities read (``model.cfg``).
+        """The TransformerLens view that TL utilities read (``model.cfg``); every field it sets is true.
 
-        Two layers; ``n_heads`` is the copier's H (the classifier layer has one head, so sweep it with an
-        explicit ``index_df``); one head's output lives in R^d, so ``d_head = d_vocab`` and
-        ``d_model = n_heads * d_vocab``.
+        Two layers of ``n_heads`` = H head slots (the copier's H heads; the classifier's one head plus H-1
+        inert slots); one head's output lives in R^d, so ``d_head = d_vocab``; ``d_model = H * d_vocab`` is
+        the width of the copier's concatenated output, the selector's input (there is no residual stream).
+        The selector sits at ``blocks.0.mlp`` but has no neurons and no activation function, so ``d_mlp`` and
+        ``act_fn`` are None; no layer norm, no BOS token, relative positions.
         """
-        return TransformerLensConfig(
+        cfg = TransformerLensConfig(
             d_model=self.n_heads * self.d_vocab,
             d_head=self.d_vocab,
             n_layers=2,
             n_ctx=self.n_ctx,
             n_heads=self.n_heads,
-            d_mlp=len(self.subsets),
             d_vocab=self.d_vocab,
             device=self.device,
             attn_only=False,
             normalization_type=None,
             positional_embedding_type="relative",
+            default_prepend_bos=False,
+            act_fn=None,
             dtype=self.torch_dtype,
         )
+        cfg.d_mlp = None  # TransformerLensConfig fills in 4 * d_model when given None
+        return cfg

@@ -13,8 +13,11 @@ token x_t: the paper's query slot has no token of its own, and x_t is the newest
 holds), a value map W_V,h, and a LayerNorm scaled by 1/sqrt(d) instead of the L2 normalisation.
 
 Fast path: without hooks the [batch, head, query_pos, key_pos] pattern is never built; the copier is a
-sum over the M lag-shifted one-hot tokens. With hooks attached, the dense pattern is built, passed through
-``hook_pattern`` and multiplied with the values, so an edited pattern is honoured.
+sum over the M lag-shifted one-hot tokens. With hooks attached, the dense scores, pattern and values are
+built and each passes through its hook before it is used, so an edit at any of them is honoured: the
+pattern is the softmax of the (possibly edited) ``hook_attn_scores`` over the key columns plus one
+"before the start" slot per lag that reaches before position 0 (those slots read a zero vector, so their
+weight is dropped and the row sums to less than 1).
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ class Copier(nn.Module):
             self.W_QK = nn.Parameter(qk.to(device))
             eye = torch.eye(cfg.d_vocab, dtype=dtype, device=device)
             self.W_V = nn.Parameter(einops.repeat(eye, "i j -> head i j", head=cfg.n_heads).clone())
-        self.hook_lag_logits = HookPoint()  # [head, lag]
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_v = HookPoint()  # [batch, pos, head, d_vocab]
         self.hook_z = HookPoint()  # [batch, pos, head, d_vocab]
         self.hook_result = HookPoint()  # [batch, pos, head, d_vocab]
 
@@ -70,7 +73,7 @@ class Copier(nn.Module):
 
     def _lag_scores(self, windows: Float[Tensor, "batch pos max_lag d_vocab"]) -> Float[Tensor, "#batch #pos head lag"]:
         """Logit of head h for its m-th lag at position t (broadcast over batch and pos when positional)."""
-        scores = self.hook_lag_logits(self.w_pos)[None, None]
+        scores = self.w_pos[None, None]
         if self.cfg.copier == "full":
             keys = windows[:, :, self.lag_index]  # [batch, pos, head, lag, d_vocab]
             query = windows[:, :, 0]  # lag 1: the current token
@@ -84,51 +87,47 @@ class Copier(nn.Module):
         cfg = self.cfg
         windows = lag_windows(embed, cfg.max_lag)
         scores = self._lag_scores(windows)
-        pattern_lags = torch.softmax(scores, dim=-1)
         if dense:
-            z = self._dense(embed, scores, pattern_lags)
+            z = self._dense(embed, scores)
         elif cfg.copier == "positional":
             # The pattern does not depend on the sequence: one [head, lag] weight table for every position.
-            per_lag = torch.zeros(cfg.n_heads, cfg.max_lag, dtype=pattern_lags.dtype, device=embed.device)
-            per_lag = per_lag.scatter_add(1, self.lag_index, pattern_lags[0, 0])
+            per_lag = torch.zeros(cfg.n_heads, cfg.max_lag, dtype=scores.dtype, device=embed.device)
+            per_lag = per_lag.scatter_add(1, self.lag_index, torch.softmax(scores[0, 0], dim=-1))
             z = torch.einsum("btse,hs->bthe", windows, per_lag).contiguous()
         else:
             values = torch.einsum("bthme,hef->bthmf", windows[:, :, self.lag_index], self.W_V)
-            z = torch.einsum("bthm,bthme->bthe", pattern_lags, values)
+            z = torch.einsum("bthm,bthme->bthe", torch.softmax(scores, dim=-1), values)
         z = self.hook_z(z)
         return self.hook_result(self._normalize(z))
 
     def _dense(
-        self,
-        embed: Float[Tensor, "batch pos d_vocab"],
-        scores: Float[Tensor, "#batch #pos head lag"],
-        pattern_lags: Float[Tensor, "#batch #pos head lag"],
+        self, embed: Float[Tensor, "batch pos d_vocab"], scores: Float[Tensor, "#batch #pos head lag"]
     ) -> Float[Tensor, "batch pos head d_vocab"]:
-        """Build the [batch, head, query, key] scores and pattern, run their hooks, contract with values.
+        """Build the [batch, head, query, key] scores, run every hook, and contract the pattern with the values.
 
-        Lags reaching before the start have no key column; their weight is simply absent, so rows near the
-        start of ``hook_pattern`` sum to less than 1 (PAPER.md §2.1: they read a zero vector).
+        Column t+1-s of row t holds the logit of lag s; a lag reaching before the start has no column, so its
+        logit joins the softmax through a spare "before the start" slot that is dropped afterwards.
         """
         cfg = self.cfg
         batch, n_pos, _ = embed.shape
         positions = torch.arange(n_pos, device=embed.device)
         keys = positions[:, None, None] - self.lag_index[None]  # key = t + 1 - s, [pos, head, lag]
-        # Absent keys go to a spare last column, dropped afterwards.
-        index = einops.repeat(torch.where(keys >= 0, keys, n_pos), "pos head lag -> batch head pos lag", batch=batch)
+        present = keys >= 0
+        # Present lags scatter into their key column; absent ones into a spare last column, dropped at once.
+        index = einops.repeat(torch.where(present, keys, n_pos), "pos head lag -> batch head pos lag", batch=batch)
+        by_lag = einops.rearrange(scores.expand(batch, n_pos, -1, -1), "batch pos head lag -> batch head pos lag")
         shape = (batch, cfg.n_heads, n_pos, n_pos + 1)
-        src_scores = einops.rearrange(scores.expand(batch, n_pos, -1, -1), "batch pos head lag -> batch head pos lag")
-        src_pattern = einops.rearrange(
-            pattern_lags.expand(batch, n_pos, -1, -1), "batch pos head lag -> batch head pos lag"
-        )
         blank = torch.full(shape, float("-inf"), dtype=scores.dtype, device=embed.device)
-        self.hook_attn_scores(blank.scatter(-1, index, src_scores)[..., :n_pos])
-        pattern = torch.zeros(shape, dtype=scores.dtype, device=embed.device).scatter(-1, index, src_pattern)
-        pattern = self.hook_pattern(pattern[..., :n_pos])
+        dense_scores = self.hook_attn_scores(blank.scatter(-1, index, by_lag)[..., :n_pos])
+        before_start = by_lag.masked_fill(einops.rearrange(present, "pos head lag -> head pos lag"), float("-inf"))
+        pattern = torch.softmax(torch.cat([dense_scores, before_start], dim=-1), dim=-1)[..., :n_pos]
+        pattern = self.hook_pattern(pattern)
         if cfg.copier == "full":
             values = torch.einsum("bke,hef->bkhf", embed, self.W_V)
         else:
-            values = einops.repeat(embed, "batch key e -> batch key head e", head=cfg.n_heads)
-        return torch.einsum("bhqk,bkhe->bqhe", pattern, values)
+            # A copy per head, not a broadcast view: an in-place edit of one head's values must stay in that head.
+            values = einops.repeat(embed, "batch key e -> batch key head e", head=cfg.n_heads).clone()
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, self.hook_v(values))
 
     def token_codes(self, tokens: Int[Tensor, "batch pos"], row: int) -> Int[Tensor, "batch pos"]:
         """Integer codes that determine G_h(row, j) for the positional copier (no gradient needed).

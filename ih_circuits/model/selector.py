@@ -29,7 +29,6 @@ class Selector(nn.Module):
         self.cfg = cfg
         self.subsets = cfg.subsets
         self.c = nn.Parameter(torch.full((len(self.subsets),), cfg.c_init, dtype=cfg.torch_dtype, device=cfg.device))
-        self.hook_shares = HookPoint()  # [subset]
         self.hook_head_similarity = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_subset_similarity = HookPoint()  # [batch, subset, query_pos, key_pos]
         self.hook_kernel = HookPoint()  # [batch, query_pos, key_pos]
@@ -49,7 +48,7 @@ class Selector(nn.Module):
         self, head_similarity: Float[Tensor, "batch head query_pos key_pos"]
     ) -> Float[Tensor, "batch query_pos key_pos"]:
         """K = sum_S shares_S prod_{h in S} G_h from the per-head similarities G_h."""
-        shares = self.hook_shares(self.shares())
+        shares = self.shares()
         head_similarity = self.hook_head_similarity(head_similarity)
         products = []
         for subset in self.subsets:

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from ih_circuits.chain import validate_lags
+from ih_circuits.model.cache import IHActivationCache
 from ih_circuits.model.classifier import Classifier
 from ih_circuits.model.config import IHConfig
 from ih_circuits.model.copier import Copier, Lookup
@@ -63,7 +64,10 @@ class ClassifierBlock(nn.Module):
 class IHTransformer(HookedRootModule):
     """The copier-selector-classifier model of PAPER.md §2, hookable with TransformerLens.
 
-    ``model.config`` is the ``IHConfig``; ``model.cfg`` the TransformerLens view TL utilities read.
+    ``model.config`` is the ``IHConfig``; ``model.cfg`` the TransformerLens view TL utilities read. Both layers
+    show ``cfg.n_heads`` = H head slots to TransformerLens; ``heads_per_layer`` = (H, 1) counts the heads that
+    compute something (layer 1's slots 1..H-1 are inert). A new model is in eval mode, as TransformerLens's
+    patching requires (the model has no dropout: the mode changes nothing it computes).
 
     >>> model = IHTransformer(IHConfig(d_vocab=3, n_ctx=8, n_heads=2, window=2, max_degree=2))
     >>> model(torch.tensor([[0, 1, 2, 0, 1]])).shape
@@ -80,6 +84,12 @@ class IHTransformer(HookedRootModule):
         self.blocks = nn.ModuleList([CopierSelectorBlock(cfg), ClassifierBlock(cfg)])
         self.hook_log_probs = HookPoint()  # [batch, pos, d_vocab]
         self.setup()
+        self.eval()
+
+    @property
+    def heads_per_layer(self) -> tuple[int, int]:
+        """Heads that compute something in each layer: the H copier heads, and the one classifier head."""
+        return (self.config.n_heads, 1)
 
     @property
     def copier(self) -> Copier:
@@ -99,10 +109,11 @@ class IHTransformer(HookedRootModule):
         if tokens.shape[1] > self.config.n_ctx:
             raise ValueError(f"tokens has {tokens.shape[1]} positions but the model allows n_ctx={self.config.n_ctx}")
 
-    def run_with_cache(self, *model_args, remove_batch_dim: bool = False, **kwargs) -> tuple[Tensor, ActivationCache]:
-        """``HookedRootModule.run_with_cache`` with the activations in a TransformerLens ``ActivationCache``."""
+    def run_with_cache(self, *model_args, remove_batch_dim: bool = False, **kwargs) -> tuple[Tensor, IHActivationCache]:
+        """``HookedRootModule.run_with_cache`` with the activations in an ``IHActivationCache`` (TransformerLens's
+        ``ActivationCache``, with clear errors for the residual-stream names this model does not have)."""
         output, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
-        return output, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return output, IHActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
 
     def _hooked(self) -> bool:
         return any(hp._forward_hooks or hp._backward_hooks for hp in self.hook_dict.values())
@@ -167,7 +178,7 @@ class IHTransformer(HookedRootModule):
             rows = torch.arange(n_pos, device=device)
             features = self.copier(embed, dense)
             kernel = self.selector(features, features)
-        log_probs = self.classifier(kernel, embed, rows)
+        log_probs = self.classifier(kernel, embed, rows, dense)
         if rows.shape[0] == n_pos:
             log_probs = self.hook_log_probs(log_probs)
             if positions == "last":
@@ -187,23 +198,48 @@ class IHTransformer(HookedRootModule):
         kernel_table = einops.rearrange(self.selector.combine(as_batch), "qc 1 k -> (qc k) 1")
         return einops.rearrange(Lookup.apply(kernel_table, codes), "batch key 1 -> batch 1 key")
 
-    def to_tokens(self, sequence: str | list[int] | list[list[int]] | Tensor) -> Int[Tensor, "batch pos"]:
-        """Token ids ``[batch, pos]`` from a digit string ("0121"), a space-separated string, or ids."""
+    def to_tokens(self, sequence: str | list[str] | list[int] | list[list[int]] | Tensor) -> Int[Tensor, "batch pos"]:
+        """Token ids ``[batch, pos]`` from a string, a list of strings (one row each), or ids.
+
+        A string is space-separated ids ("0 12 3"), or, when d_vocab <= 10, may also be a run of digits
+        ("0121"), the form ``to_string`` writes. No BOS token is prepended: the model has none.
+        """
         if isinstance(sequence, str):
-            parts = sequence.split() if " " in sequence.strip() else list(sequence.strip())
-            try:
-                ids = [int(p) for p in parts]
-            except ValueError as error:
-                raise ValueError(
-                    f"sequence must contain token ids 0..{self.config.d_vocab - 1}; got {sequence!r}"
-                ) from error
-            tokens = torch.tensor([ids], dtype=torch.long)
+            sequence = [sequence]
+        if isinstance(sequence, list) and sequence and all(isinstance(row, str) for row in sequence):
+            rows = [self._parse(row) for row in sequence]
+            if len({len(row) for row in rows}) > 1:
+                raise ValueError(f"sequence strings must all have the same number of tokens; got {sequence!r}")
+            tokens = torch.tensor(rows, dtype=torch.long)
         else:
             tokens = torch.as_tensor(sequence, dtype=torch.long)
             if tokens.ndim == 1:
                 tokens = tokens[None]
         self.check_tokens(tokens)
         return tokens.to(self.copier.w_pos.device)
+
+    def _parse(self, text: str) -> list[int]:
+        parts = list(text.strip()) if self.config.d_vocab <= 10 and " " not in text.strip() else text.split()
+        try:
+            return [int(part) for part in parts]
+        except ValueError as error:
+            raise ValueError(f"sequence must contain token ids 0..{self.config.d_vocab - 1}; got {text!r}") from error
+
+    def to_str_tokens(self, sequence: str | list[int] | Tensor) -> list[str] | list[list[str]]:
+        """Each token id as a string, like TransformerLens's ``to_str_tokens``: a list for one sequence,
+        a list of lists for a batch of several."""
+        tokens = self.to_tokens(sequence).cpu()
+        rows = [[str(token) for token in row] for row in tokens.tolist()]
+        return rows[0] if len(rows) == 1 else rows
+
+    def to_string(self, tokens: Int[Tensor, "... pos"] | list[int]) -> str | list[str]:
+        """The inverse of ``to_tokens``: digits run together when d_vocab <= 10, else space-separated ids;
+        one string for a 1-D input, a list of strings for ``[batch, pos]``."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        single = tokens.ndim == 1
+        separator = "" if self.config.d_vocab <= 10 else " "
+        rows = [separator.join(str(token) for token in row) for row in self.to_tokens(tokens).cpu().tolist()]
+        return rows[0] if single else rows
 
     def copier_weights(self) -> Float[Tensor, "head lag"]:
         """softmax(w_h) as ``[n_heads, window]``: row h = head h, column m = its m-th lag (lag m+1 when shared)."""

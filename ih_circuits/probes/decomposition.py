@@ -261,25 +261,33 @@ def _replacements(
     candidates = [s for s in config.subsets if len(s) == len(lags) and tuple(sorted(head_lags[h] for h in s)) == lags]
     dtype = model.copier.w_pos.dtype
     copies = _exact_copies(tokens, head_lags, config.d_vocab, dtype)
-    hooks = {"copier": ("blocks.0.attn.hook_result", lambda act, hook: copies.to(act.dtype))}
+    hooks = {"copier": [("blocks.0.attn.hook_result", lambda act, hook: copies.to(act.dtype))]}
     if not candidates:
         structural.append(
             ("copier", f"no selector subset of heads copies exactly the lags {lags} (head lags {head_lags})")
         )
     else:
-        one_hot = torch.zeros(len(config.subsets), dtype=dtype, device=tokens.device)
-        one_hot[config.subsets.index(max(candidates, key=shares.get))] = 1.0
-        hooks["selector"] = ("blocks.0.mlp.hook_shares", lambda act, hook: one_hot)
+        # The ideal selector puts all its weight on one subset: the kernel is that subset's similarity.
+        chosen = config.subsets.index(max(candidates, key=shares.get))
+        similarity: dict[str, Tensor] = {}
+
+        def keep_chosen(act: Tensor, hook: object) -> None:
+            similarity["chosen"] = act[:, chosen]
+
+        hooks["selector"] = [
+            ("blocks.0.mlp.hook_subset_similarity", keep_chosen),
+            ("blocks.0.mlp.hook_kernel", lambda act, hook: similarity["chosen"]),
+        ]
     ideal = _ideal_pattern(tokens, lags, model.classifier_scale(), config.d_vocab).to(dtype)
-    hooks["classifier"] = ("blocks.1.attn.hook_pattern", lambda act, hook: ideal)
+    # Head 0 is the classifier; the layer's other head slots are inert and keep their pattern.
+    hooks["classifier"] = [("blocks.1.attn.hook_pattern", lambda act, hook: torch.cat([ideal, act[:, 1:]], dim=1))]
     row = tokens.shape[1] - 2
     with torch.no_grad():
-        for check, hook in hooks.items():
-            rows.append(scorer.row(check, adapter.run_with_hooks(tokens, [hook])[:, row].float(), failing))
+        for check, hook_list in hooks.items():
+            rows.append(scorer.row(check, adapter.run_with_hooks(tokens, hook_list)[:, row].float(), failing))
         if candidates:
-            rows.append(
-                scorer.row("all", adapter.run_with_hooks(tokens, list(hooks.values()))[:, row].float(), failing)
-            )
+            every = [hook for hook_list in hooks.values() for hook in hook_list]
+            rows.append(scorer.row("all", adapter.run_with_hooks(tokens, every)[:, row].float(), failing))
 
 
 def _surrogate(

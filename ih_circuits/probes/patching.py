@@ -1,30 +1,34 @@
-"""Head patching with TransformerLens's own ``generic_activation_patch``: which heads carry a lag's token?"""
+"""Head patching: which heads carry a lag's token to the prediction?"""
 
 from __future__ import annotations
 
 import math
 
+import einops
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ih_circuits.adapters import adapt
+from ih_circuits.adapters import TransformerLensAdapter, adapt
 from ih_circuits.probes.data import Data, probe_data, resample_positions
 from ih_circuits.training import derive_seed
 
+MAX_ROWS = 2048  # sequences per patched forward (copies x batch)
+
 
 def head_patching(model: nn.Module, data: Data, lag: int, *, n_sequences: int = 64, seed: int = 0) -> pd.DataFrame:
-    """TransformerLens's ``generic_activation_patch`` over every head's ``hook_z`` at the query row.
+    """Patch every head's ``hook_z`` at the query row from a clean run into a corrupted one.
 
-    Clean and corrupted sequences differ only in the token at lag ``lag`` of the final token. Each head's
-    output at the query row is patched from the clean run into the corrupted one; the metric is the
-    log-probability of the clean final token. Returns one row per (layer, head), both 0-based, with the mean
-    effect (patched - corrupted, nats), its standard error and the share of the clean-corrupted gap it
-    restores. An explicit ``index_df`` handles layers with different head counts. The model is run in eval
-    mode (TransformerLens's patching requires it) and returned to its mode afterwards.
+    Clean and corrupted sequences differ only in the token at lag ``lag`` of the final token. For each head,
+    its output at the query row is taken from the clean run and put into the corrupted run (the same
+    ``hook_z`` patch as TransformerLens's ``get_act_patch_attn_head_out_by_pos`` at one position); the
+    metric is the log-probability of the clean final token. All heads are patched in one batched forward
+    (one copy of the corrupted batch per head), on any TransformerLens version.
+
+    Returns:
+        One row per (layer, head), both 0-based: ``effect`` (mean of patched - corrupted, nats), its
+        ``stderr`` over sequences, and ``restored``, the share of the clean - corrupted gap it restores.
     """
-    from transformer_lens.patching import generic_activation_patch, layer_pos_head_vector_patch_setter
-
     adapter = adapt(model)
     resolved = probe_data(data, adapter)
     if isinstance(lag, bool) or not isinstance(lag, int) or not 1 <= lag <= resolved.seq_len - 2:
@@ -32,38 +36,48 @@ def head_patching(model: nn.Module, data: Data, lag: int, *, n_sequences: int = 
     clean = resolved.tokens_for(n_sequences, seed, "head_patching", adapter.device)
     generator = torch.Generator().manual_seed(derive_seed(seed, "head_patching_resample") % 2**62)
     corrupted = resample_positions(clean, [clean.shape[1] - 1 - lag], generator)[0]
-    query = clean.shape[1] - 2
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            clean_out, clean_cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
-
-            def metric(output: Tensor) -> Tensor:
-                return torch.log_softmax(output[:, query].float(), -1).gather(1, clean[:, -1:])[:, 0]
-
-            index_df = pd.DataFrame(
-                [(layer, query, head) for layer in range(adapter.n_layers) for head in range(adapter.n_heads(layer))],
-                columns=["layer", "pos", "head"],
-            )
-            result = generic_activation_patch(
-                model,
-                corrupted,
-                clean_cache,
-                metric,
-                layer_pos_head_vector_patch_setter,
-                "z",
-                index_df=index_df,
-                reduce="none",
-                baseline=True,
-            )
-            clean_metric = metric(clean_out)
-    finally:
-        model.train(was_training)
-    effect = result.values - result.baseline
-    gap = float((clean_metric - result.baseline).mean())
-    frame = index_df[["layer", "head"]].copy()
+    heads = [(layer, head) for layer in range(adapter.n_layers) for head in range(adapter.n_heads(layer))]
+    with torch.no_grad():
+        clean_out, clean_cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
+        clean_metric = _target_log_prob(clean_out, clean)
+        corrupted_metric = _target_log_prob(model(corrupted), clean)
+        chunk = max(1, MAX_ROWS // clean.shape[0])
+        groups = [heads[start : start + chunk] for start in range(0, len(heads), chunk)]
+        patched = torch.cat([_patch_heads(adapter, clean_cache, corrupted, clean, group) for group in groups])
+    effect = patched - corrupted_metric  # [head, batch]
+    gap = float((clean_metric - corrupted_metric).mean())
+    frame = pd.DataFrame(heads, columns=["layer", "head"])
     frame["effect"] = effect.mean(-1).cpu().numpy()
     frame["stderr"] = (effect.std(-1) / math.sqrt(effect.shape[-1])).cpu().numpy()
     frame["restored"] = frame["effect"] / gap if abs(gap) > 1e-9 else float("nan")
     return frame
+
+
+def _target_log_prob(output: Tensor, clean: Tensor) -> Tensor:
+    """log p(clean final token) at the query row T-2, per sequence."""
+    return torch.log_softmax(output[:, -2].float(), -1).gather(1, clean[:, -1:])[:, 0]
+
+
+def _patch_heads(
+    adapter: TransformerLensAdapter, clean_cache, corrupted: Tensor, clean: Tensor, heads: list[tuple[int, int]]
+) -> Tensor:
+    """Metric ``[len(heads), batch]``: copy c of the corrupted batch has head ``heads[c]`` patched at the query."""
+    n_copies, query = len(heads), corrupted.shape[1] - 2
+
+    def hook_for(layer: int):
+        targets = torch.tensor([head if at == layer else -1 for at, head in heads], device=corrupted.device)
+
+        def patch(z: Tensor, hook: object) -> Tensor:
+            z = einops.rearrange(z.clone(), "(copy batch) pos head d -> copy batch pos head d", copy=n_copies)
+            chosen = targets[:, None] == torch.arange(z.shape[3], device=z.device)  # [copy, head]
+            source = clean_cache[f"blocks.{layer}.attn.hook_z"][None, :, query].to(z.dtype)
+            z[:, :, query] = torch.where(chosen[:, None, :, None], source, z[:, :, query])
+            return einops.rearrange(z, "copy batch pos head d -> (copy batch) pos head d")
+
+        return patch
+
+    layers = sorted({layer for layer, _ in heads})
+    hooks = [(f"blocks.{layer}.attn.hook_z", hook_for(layer)) for layer in layers]
+    output = adapter.run_with_hooks(einops.repeat(corrupted, "b p -> (copy b) p", copy=n_copies), hooks)
+    repeated_clean = einops.repeat(clean, "b p -> (copy b) p", copy=n_copies)
+    return einops.rearrange(_target_log_prob(output, repeated_clean), "(copy b) -> copy b", copy=n_copies)

@@ -37,7 +37,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-from transformer_lens import TransformerBridge, TransformerBridgeConfig
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
 
 DEFAULT_SHARPNESS = 30.0
 DEFAULT_GAIN = 20.0

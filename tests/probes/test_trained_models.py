@@ -13,7 +13,9 @@ from ih_circuits.baselines import ordinary_transformer, train_on_source
 from ih_circuits.probes import decomposition_test, find_parents, scan_heads
 
 SOURCE = RepeatedTokens(vocab_size=32, seq_len=40, min_period=4, max_period=12)
-SHAPE = {"d_model": 32, "n_heads": 2, "n_layers": 2, "positional_embedding_type": "rotary"}
+# A TransformerBridge on every TransformerLens version, so the recipes hold on 3.x and 4.x alike (the
+# HookedTransformer recipes are in test_hooked_transformer.py).
+SHAPE = {"d_model": 32, "n_heads": 2, "n_layers": 2, "positional_embedding_type": "rotary", "kind": "bridge"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ NGRAM_RECIPES = {
 def test_ordinary_model_trained_on_ngrams_reports_its_parents(parents):
     task = NGramTask(vocab_size=3, parents=parents, seq_len=41, alpha=0.1)
     shape, steps = NGRAM_RECIPES[parents]
-    model = ordinary_transformer(task, seed=0, n_layers=2, **shape)
+    model = ordinary_transformer(task, seed=0, n_layers=2, kind="bridge", **shape)
     train_on_source(model, task, steps=steps, batch_size=128, lr=3e-3, seed=0)
     report = find_parents(model, task, n_sequences=512)
     assert report.lags == parents and report.matches_truth, report.summary()
