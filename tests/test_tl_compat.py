@@ -17,7 +17,10 @@ from transformer_lens.patching import (
     get_act_patch_attn_head_out_all_pos,
     get_act_patch_attn_head_out_by_pos,
     get_act_patch_attn_head_pattern_all_pos,
+    get_act_patch_attn_head_pattern_by_pos,
+    get_act_patch_attn_head_pattern_dest_src_pos,
     get_act_patch_attn_head_v_all_pos,
+    get_act_patch_attn_head_v_by_pos,
     get_act_patch_resid_pre,
     layer_pos_head_vector_patch_setter,
 )
@@ -181,6 +184,12 @@ def test_get_act_patch_attn_head_out_by_pos():
     assert effect.shape == (2, 12, 3)
     assert effect[:, -1].abs().max() < 1e-6 and effect[0, :, 2].abs().max() < 1e-6
     assert effect[1, -2, 0] == pytest.approx(float(metric(model(clean)) - baseline), abs=1e-4)
+    v_effect = get_act_patch_attn_head_v_by_pos(model, corrupted, cache, metric) - baseline
+    assert v_effect.shape == (2, 12, 3) and v_effect[0, :, 2].abs().max() < 1e-6
+    by_dest = get_act_patch_attn_head_pattern_by_pos(model, corrupted, cache, metric) - baseline
+    by_pair = get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric) - baseline
+    assert by_dest.shape == (2, 3, 12) and by_pair.shape == (2, 3, 12, 12)
+    assert by_dest[0].abs().max() < 1e-6 and by_dest[1, 0, -2] > 0.1  # the copier's pattern is token-independent
 
 
 def test_detect_head_with_its_defaults():
@@ -236,6 +245,13 @@ def test_residual_stream_tools_fail_with_a_clear_error():
     _, partial = model.run_with_cache(clean, names_filter=lambda name: name == "hook_embed")
     with pytest.raises(KeyError, match="was not cached"):
         partial["pattern", 0]
+
+
+def test_svd_interpreter_needs_weight_matrices_the_model_does_not_have():
+    from transformer_lens import SVDInterpreter
+
+    with pytest.raises(KeyError, match="blocks.0.attn.W_V"):
+        SVDInterpreter(ideal_model(tiny_config())).get_singular_vectors("OV", layer_index=0, head_index=0)
 
 
 def test_get_act_patch_stage_out():
