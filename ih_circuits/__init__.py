@@ -25,7 +25,7 @@ from ih_circuits.priors import DirichletPrior, KernelPrior
 from ih_circuits.reporting import report
 from ih_circuits.sources import DataSource, RepeatedTokens
 from ih_circuits.task import NGramBatch, NGramTask
-from ih_circuits.training import PRESETS, Stage, TrainConfig, TrainingRun, train, train_preset
+from ih_circuits.training import PRESETS, Stage, TrainConfig, TrainingDiverged, TrainingRun, train, train_preset
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "RepeatedTokens",
     "Stage",
     "TrainConfig",
+    "TrainingDiverged",
     "TrainingRun",
     "__version__",
     "accuracy",

@@ -30,6 +30,9 @@ class KernelPrior(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+MIN_ALPHA = 1e-30  # log(U) / alpha stays finite in float32 down to here
+
+
 def log_gamma_variates(concentration: Tensor, generator: torch.Generator) -> Tensor:
     """log G with G ~ Gamma(concentration, 1), elementwise, reproducible from ``generator``.
 
@@ -58,8 +61,11 @@ class DirichletPrior:
     def __post_init__(self) -> None:
         values = self.alpha if isinstance(self.alpha, Sequence) else (self.alpha,)
         for value in values:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"alpha must be > 0 (a float or one float per token); got {self.alpha!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= MIN_ALPHA:
+                raise ValueError(
+                    f"alpha must be >= {MIN_ALPHA} (a float or one float per token; below that the Gamma sampler "
+                    f"overflows, and every row is one-hot already); got {self.alpha!r}"
+                )
             if value == float("inf"):
                 raise ValueError(f"alpha must be finite; got {self.alpha!r}")
         if isinstance(self.alpha, Sequence):

@@ -342,6 +342,26 @@ def _batches(run: TrainingRun) -> Callable[[int], Tensor]:
     return fixed
 
 
+class TrainingDiverged(FloatingPointError):
+    """Training met a non-finite loss or gradient. ``run`` is the run up to the last finite step (parameters,
+    history and optimizer state untouched by the bad step), so it can be inspected, saved or resumed."""
+
+    def __init__(self, message: str, run: TrainingRun) -> None:
+        super().__init__(message)
+        self.run = run
+
+
+def _check_finite(model: nn.Module, loss: Tensor, run: TrainingRun) -> None:
+    """Raise ``TrainingDiverged`` naming the step and the parameters if the loss or a gradient is not finite."""
+    keep = f"the run up to step {run.step} is kept in error.run (e.g. error.run.save(dir))"
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"training loss became {loss.item()} at step {run.step}; {keep}", run)
+    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if grads and not torch.stack([g.isfinite().all() for _, g in grads]).all():
+        bad = [name for name, g in grads if not g.isfinite().all()]
+        raise TrainingDiverged(f"non-finite gradient of {bad} at step {run.step}; {keep}", run)
+
+
 def _make_optimizer(stage: Stage, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if stage.optimizer == "adam":
         return torch.optim.Adam(params, lr=stage.lr)
@@ -387,9 +407,9 @@ def _run(run: TrainingRun, *, quiet: bool, callback: Callable[[TrainingRun], Non
             tokens = batch_at(run.step)
             optimizer.zero_grad(set_to_none=True)
             loss = objective_loss(model, tokens, cfg.objective, cfg.loss)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at step {run.step}")
-            loss.backward()
+            if torch.isfinite(loss):
+                loss.backward()
+            _check_finite(model, loss, run)
             optimizer.step()
             run.step += 1
             run.optimizer_state = {"stage": index, "state": optimizer.state_dict()}

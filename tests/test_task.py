@@ -102,6 +102,13 @@ def test_sample_shapes_and_types(paper_task):
     assert int(batch.tokens.min()) >= 0 and int(batch.tokens.max()) <= 2
 
 
+@pytest.mark.parametrize("alpha", [1e-30, 1e-10, 1e-3, 1e3])
+def test_extreme_alpha_gives_finite_kernels_and_tokens(alpha):
+    batch = NGramTask(vocab_size=3, parents=(1, 2), seq_len=41, alpha=alpha).sample(200, seed=0)
+    assert torch.isfinite(batch.kernels).all()
+    assert torch.allclose(batch.kernels.sum(-1), torch.ones(()), atol=1e-5)
+
+
 def test_tiny_alpha_gives_valid_kernels():
     kernels = NGramTask(vocab_size=5, parents=(1,), seq_len=4, alpha=0.005).sample(2000, seed=0).kernels
     assert torch.isfinite(kernels).all()
@@ -140,6 +147,7 @@ def test_task_round_trips_through_dict():
         ({"parents": (1, 1)}, "parents"),
         ({"alpha": 0.0}, "alpha"),
         ({"alpha": -1.0}, "alpha"),
+        ({"alpha": 1e-39}, r"alpha must be >= 1e-30"),
         ({"seq_len": 2}, "seq_len"),
         ({"window": 1}, "window"),
         ({"init": "random"}, "init"),

@@ -11,6 +11,7 @@ from ih_circuits.training import (
     PRESETS,
     Stage,
     TrainConfig,
+    TrainingDiverged,
     TrainingRun,
     legacy_loss,
     preset_parts,
@@ -177,3 +178,27 @@ def test_bad_train_config_and_mismatched_model():
     model, task, config = small_setup()
     with pytest.raises(ValueError, match="vocab_size"):
         train(model, NGramTask(vocab_size=4, parents=(1,), seq_len=10), config)
+
+
+def test_a_sharp_copier_trains_with_finite_gradients_on_the_fast_path():
+    """A lag-logit gap of 25 used to overflow the fast path's similarity table (NaN selector gradients at step 1)."""
+    run = train_preset("cwa", w_plus=25.0, w_minus=0.0, steps=30, quiet=True)
+    assert run.step == 30 and not run.interrupted
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    assert run.history["eval_loss"].notna().all() and run.history["loss"].iloc[1:].notna().all()
+
+
+def test_a_non_finite_gradient_stops_training_and_keeps_the_run():
+    model, task, config = small_setup()
+    calls = {"n": 0}
+
+    def poison_at_step_5(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 6 else grad
+
+    model.classifier.a.register_hook(poison_at_step_5)
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient of \['blocks.1.attn.a'\] at step 5") as caught:
+        train(model, task, config, quiet=True)
+    run = caught.value.run
+    assert run.step == 5 and run.history["step"].max() == 4
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())

@@ -162,7 +162,13 @@ class Copier(nn.Module):
         return cross.add_(norm[:, row, None] * n_cross).mul_(n_norm).add_(norm)
 
     def similarity_table(self) -> Float[Tensor, "query_code cross_code key_code head"]:
-        """G_h for every (norm code of the query, cross code, norm code of the key), from the weights P."""
+        """G_h for every (norm code of the query, cross code, norm code of the key), from the weights P.
+
+        A cosine of two non-negative vectors lies in [0, 1], so every code that tokens can produce gives a
+        value there. Codes no tokens produce (a cross code that matches a lag the norm codes call absent)
+        combine a tiny norm with a large inner product; clipped to [0, 1], they stay finite, and so does the
+        gradient through them, however sharp the copier (a lag-logit gap of 25 made them overflow).
+        """
         cfg = self.cfg
         n_lags = cfg.max_lag
         per_lag = torch.zeros(cfg.n_heads, n_lags, dtype=self.w_pos.dtype, device=self.w_pos.device)
@@ -179,7 +185,8 @@ class Copier(nn.Module):
             squared = squared + 2 * (_bits(len(pairs), device).to(dtype) @ off_diagonal)[:, None, :]
         squared = squared.reshape(-1, cfg.n_heads)  # [norm code, head]
         inverse_norm = squared.clamp_min(1e-24).rsqrt() * (squared > 0)
-        return inverse_norm[:, None, None, :] * inner[None, :, None, :] * inverse_norm[None, None, :, :]
+        table = inverse_norm[:, None, None, :] * inner[None, :, None, :] * inverse_norm[None, None, :, :]
+        return table.clamp(0.0, 1.0)
 
     @property
     def supports_token_codes(self) -> bool:

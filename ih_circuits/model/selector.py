@@ -34,9 +34,14 @@ class Selector(nn.Module):
         self.hook_kernel = HookPoint()  # [batch, query_pos, key_pos]
 
     def shares(self) -> Float[Tensor, " subset"]:
-        """c_S^2 / sum_S c_S^2 (all zero if every c is zero)."""
-        squared = self.c.square()
-        return squared / squared.sum().clamp_min(torch.finfo(squared.dtype).tiny)
+        """c_S^2 / sum_S c_S^2 (all zero if every c is zero).
+
+        Computed from c / max|c|, which leaves the shares and their gradient unchanged (they are
+        scale-invariant) and keeps c^2 from overflowing for large coefficients.
+        """
+        tiny = torch.finfo(self.c.dtype).tiny
+        squared = (self.c / self.c.detach().abs().max().clamp_min(tiny)).square()
+        return squared / squared.sum().clamp_min(tiny)
 
     def forward(
         self, queries: Float[Tensor, "batch query_pos head d_vocab"], keys: Float[Tensor, "batch key_pos head d_vocab"]

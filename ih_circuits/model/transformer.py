@@ -161,6 +161,8 @@ class IHTransformer(HookedRootModule):
         ``"last"`` evaluates layer 2 at one row when no hook is attached (the paper's objective needs only
         the query row); with hooks the whole model runs and the row is sliced out.
         """
+        if positions not in ("all", "last"):
+            raise ValueError(f"positions must be 'all' or 'last'; got {positions!r}")
         self.check_tokens(tokens)
         device = self.copier.w_pos.device
         tokens = tokens.to(device)
@@ -212,11 +214,11 @@ class IHTransformer(HookedRootModule):
                 raise ValueError(f"sequence strings must all have the same number of tokens; got {sequence!r}")
             tokens = torch.tensor(rows, dtype=torch.long)
         else:
-            tokens = torch.as_tensor(sequence, dtype=torch.long)
+            tokens = torch.as_tensor(sequence)  # no dtype: float ids are refused below, not truncated
             if tokens.ndim == 1:
                 tokens = tokens[None]
         self.check_tokens(tokens)
-        return tokens.to(self.copier.w_pos.device)
+        return tokens.long().to(self.copier.w_pos.device)
 
     def _parse(self, text: str) -> list[int]:
         parts = list(text.strip()) if self.config.d_vocab <= 10 and " " not in text.strip() else text.split()
@@ -235,7 +237,7 @@ class IHTransformer(HookedRootModule):
     def to_string(self, tokens: Int[Tensor, "... pos"] | list[int]) -> str | list[str]:
         """The inverse of ``to_tokens``: digits run together when d_vocab <= 10, else space-separated ids;
         one string for a 1-D input, a list of strings for ``[batch, pos]``."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        tokens = torch.as_tensor(tokens)
         single = tokens.ndim == 1
         separator = "" if self.config.d_vocab <= 10 else " "
         rows = [separator.join(str(token) for token in row) for row in self.to_tokens(tokens).cpu().tolist()]

@@ -208,3 +208,39 @@ def test_ideal_model_validates_lags():
         ideal_model(tiny_config(window=2), lags=(1, 3))
     with pytest.raises(ValueError, match="max_degree"):
         ideal_model(tiny_config(max_degree=1), lags=(1, 2))
+
+
+@pytest.mark.parametrize("w_plus", [3.0, 25.0, 50.0])
+def test_fast_and_hooked_gradients_agree_even_for_a_sharp_copier(w_plus):
+    """The fast path's similarity table is clipped to [0, 1] (codes no tokens produce overflowed once the copier
+    was sharp); on the codes tokens do produce, it and its gradient are exactly the hooked path's."""
+    cfg = IHConfig(d_vocab=3, n_ctx=41, n_heads=3, window=3, max_degree=2, w_plus=w_plus, w_minus=0.0, dtype="float64")
+    tokens = random_tokens(32, 41, seed=4)
+    grads = []
+    for hooks in ([], [("hook_embed", lambda x, hook: x)]):
+        model = IHTransformer(cfg)
+        with model.hooks(fwd_hooks=hooks):
+            model(tokens, return_type="loss").backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for name, fast in grads[0].items():
+        assert torch.isfinite(fast).all(), name
+        assert torch.allclose(fast, grads[1][name], rtol=1e-9, atol=1e-15), name
+
+
+def test_huge_selector_coefficients_keep_finite_shares_and_outputs():
+    model = IHTransformer(tiny_config())
+    with torch.no_grad():
+        model.selector.c.fill_(1e25)
+        model.selector.c[0] = 3e25
+    shares = model.selector.shares().detach()
+    assert torch.isfinite(shares).all() and float(shares[0]) == pytest.approx(9 / 15, rel=1e-5)
+    assert torch.isfinite(model(random_tokens(2, 10))).all()
+
+
+@pytest.mark.usefixtures("without_runtime_typecheck")
+def test_float_ids_and_unknown_positions_are_refused():
+    model = IHTransformer(tiny_config())
+    with pytest.raises(ValueError, match="integer dtype"):
+        model.to_tokens([0.5, 1.0, 2.0])
+    with pytest.raises(ValueError, match="positions must be 'all' or 'last'; got 'lats'"):
+        model.log_probs_at(random_tokens(1, 5), "lats")

@@ -14,9 +14,9 @@ has its own recipes, measured on this 2-core machine:
 
 import pytest
 
-from ih_circuits import NGramTask, RepeatedTokens
+from ih_circuits import NGramTask, RepeatedTokens, views
 from ih_circuits.baselines import has_hooked_transformer, ordinary_transformer, train_on_source
-from ih_circuits.probes import decomposition_test, find_parents, scan_heads
+from ih_circuits.probes import decomposition_test, find_parents, head_patching, scan_heads
 
 pytestmark = pytest.mark.skipif(not has_hooked_transformer(), reason="this TransformerLens has no HookedTransformer")
 
@@ -39,6 +39,10 @@ def test_hooked_transformer_on_repeated_tokens_forms_an_induction_head():
     assert report.query_effects[1] > 2.0 and max(report.query_effects[s] for s in range(3, 15)) < 0.1
     heads = scan_heads(model, source, lags=(1,), n_sequences=64)
     assert set(heads[heads["role"] == "induction"]["layer"]) == {1}
+    patching = head_patching(model, source, 1, n_sequences=64)
+    assert patching["restored"].max() > 0.3 and len(patching) == 4
+    view = views.attention_data(model, source.sample(1, seed=0), 1, lags=(1,))
+    assert view.props["attention"].shape == (2, 40, 40) and "HookedTransformer" in view.title
 
 
 def test_hooked_transformer_on_ngrams_reports_its_parents_and_a_gih_circuit():
