@@ -254,7 +254,7 @@ def test_svd_interpreter_needs_weight_matrices_the_model_does_not_have():
         SVDInterpreter(ideal_model(tiny_config())).get_singular_vectors("OV", layer_index=0, head_index=0)
 
 
-def test_get_act_patch_stage_out():
+def test_get_act_patch_stage_out(monkeypatch):
     """The query row reads the token at T-2 through every stage: patching any stage there restores the clean
     prediction (embedding and classifier exactly); no position after the query row matters."""
     model, clean, _, metric = parents_12_setup(batch=32, seq_len=12)
@@ -271,6 +271,8 @@ def test_get_act_patch_stage_out():
     assert (result[:, :-2] - baseline).abs().max() < 1e-5 and (result[:, -1] - baseline).abs().max() < 1e-5
     with pytest.raises(ValueError, match="corrupted_tokens has"):
         get_act_patch_stage_out(model, corrupted[:3], cache, metric)
+    monkeypatch.setattr("ih_circuits.model.patching.ELEMENTS", 32 * 7 * 12 * 12 * 5)  # five positions per forward
+    assert torch.allclose(get_act_patch_stage_out(model, corrupted, cache, metric), result, atol=1e-6)
 
 
 def test_token_strings_round_trip():

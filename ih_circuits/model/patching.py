@@ -59,18 +59,17 @@ def get_act_patch_stage_out(
             )
     widest = max(model.config.n_heads, len(model.config.subsets))
     per_forward = max(1, ELEMENTS // (batch * widest * n_pos * n_pos))
-    rows = []
+    chunks = torch.arange(n_pos, device=corrupted_tokens.device).split(per_forward)
     with torch.no_grad():
-        for name in STAGES.values():
-            positions = torch.arange(n_pos, device=corrupted_tokens.device)
-            rows.append(
-                torch.cat(
-                    [
-                        _patch_positions(model, corrupted_tokens, clean_cache[name], name, chunk, patching_metric)
-                        for chunk in positions.split(per_forward)
-                    ]
-                )
+        rows = [
+            torch.cat(
+                [
+                    _patch_positions(model, corrupted_tokens, clean_cache[name], name, chunk, patching_metric)
+                    for chunk in chunks
+                ]
             )
+            for name in STAGES.values()
+        ]
     return torch.stack(rows)
 
 
