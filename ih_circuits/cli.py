@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ih_circuits.checkpoint import check_target
 from ih_circuits.theory import selection_scores
 
 
@@ -53,9 +54,9 @@ def _train(args: argparse.Namespace) -> None:
         }.items()
         if v is not None
     }
+    out = check_target(args.out or f"runs/{args.preset}-seed{args.seed}", overwrite=args.overwrite)
     run = train_preset(args.preset, seed=args.seed, quiet=args.quiet, **overrides)
-    out = Path(args.out or f"runs/{args.preset}-seed{args.seed}")
-    run.save(out)
+    run.save(out, overwrite=args.overwrite)
     print(run)
     print(f"saved run (checkpoint, trajectory) to {out}")
 
@@ -82,9 +83,10 @@ def _demo(args: argparse.Namespace) -> None:
     from ih_circuits.training import train_preset
 
     out = Path(args.out)
+    check_target(out / "run", overwrite=True)
     print("training the CWa preset (d=3, T=100, H=3, parents {1,2}, alpha=0.1, D=2) ...")
     run = train_preset("cwa", seed=args.seed, quiet=args.quiet)
-    run.save(out / "run")
+    run.save(out / "run", overwrite=True)  # the demo regenerates its own output directory on every run
     print(run)
     decomposition = decomposition_test(run.model, run.task, seed=args.seed)
     print(decomposition.parents)
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--out", default=None, help="directory for the run (default runs/PRESET-seedSEED)")
+    train.add_argument("--overwrite", action="store_true", help="replace a save already in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
     probe = commands.add_parser("probe", help="find the parents and test the decomposition of a saved run")
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=int, default=0)
     rep.set_defaults(run=_report)
     demo = commands.add_parser("demo", help="train the CWa preset, probe it, write the report")
-    demo.add_argument("--out", default="out/demo", help="directory for the run and report.html")
+    demo.add_argument("--out", default="out/demo", help="directory for the run and report.html (rewritten each time)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)

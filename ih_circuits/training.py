@@ -33,10 +33,13 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ih_circuits.adapters import white_box
+from ih_circuits.checkpoint import atomic_directory, verify
 from ih_circuits.model import IHConfig, IHTransformer
 from ih_circuits.predictors import last_position_nll, next_token_nll
 from ih_circuits.task import NGramTask
 from ih_circuits.theory import predicted_parent_set
+
+RUN_KIND = "TrainingRun"
 
 GROUPS = ("copier_position", "copier_token", "selector", "classifier", "all")
 OPTIMIZERS = ("sgd", "adam")
@@ -240,44 +243,51 @@ class TrainingRun:
         """Continue the planned stages from ``step`` (after an interrupt or a reload)."""
         return _run(self, quiet=quiet, callback=callback)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the model checkpoint, task, training config, history and optimizer state to ``directory``."""
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model checkpoint, task, training config, history and optimizer state to ``directory``.
+
+        The save is atomic and carries a manifest of checksums (``ih_circuits.checkpoint``): a process killed
+        while saving leaves the previous save or this one, never a mix. A directory that already holds
+        something is refused unless ``overwrite=True``; overwriting replaces the whole directory, so no file
+        of the previous save is left behind.
+        """
         if white_box(self.model) is None:
             raise ValueError("TrainingRun.save supports IHTransformer runs; save other models with their own tools")
-        directory = Path(directory)
-        self.model.save_pretrained(directory / "model")
-        meta = {
-            "task": self.task.to_dict(),
-            "train_config": self.config.to_dict(),
-            "step": self.step,
-            "interrupted": self.interrupted,
-            "predicted_lags": None if self.predicted_lags is None else list(self.predicted_lags),
-        }
-        (directory / "run.json").write_text(json.dumps(meta, indent=2))
-        if len(self.history):
-            self.history.to_csv(directory / "history.csv", index=False)
-        if self.optimizer_state is not None:
-            torch.save(self.optimizer_state, directory / "optimizer.pt")
-        return directory
+        with atomic_directory(directory, RUN_KIND, overwrite=overwrite) as staging:
+            self.model.save_pretrained(staging / "model")
+            meta = {
+                "task": self.task.to_dict(),
+                "train_config": self.config.to_dict(),
+                "step": self.step,
+                "interrupted": self.interrupted,
+                "predicted_lags": None if self.predicted_lags is None else list(self.predicted_lags),
+            }
+            (staging / "run.json").write_text(json.dumps(meta, indent=2))
+            if len(self.history):
+                self.history.to_csv(staging / "history.csv", index=False)
+            if self.optimizer_state is not None:
+                torch.save(self.optimizer_state, staging / "optimizer.pt")
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> TrainingRun:
-        """Inverse of ``save``."""
+        """Inverse of ``save``, after checking the manifest: a damaged, incomplete or mixed save is an error."""
         directory = Path(directory)
-        if not (directory / "run.json").is_file():
+        listed = verify(directory, RUN_KIND)["files"]
+        if "run.json" not in listed:
             raise ValueError(f"{directory} is not a saved TrainingRun: run.json is missing")
         meta = json.loads((directory / "run.json").read_text())
-        history_path = directory / "history.csv"
-        optimizer_path = directory / "optimizer.pt"
         return cls(
             model=IHTransformer.from_pretrained(directory / "model"),
             task=NGramTask.from_dict(meta["task"]),
             config=TrainConfig.from_dict(meta["train_config"]),
-            history=pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame(),
+            history=pd.read_csv(directory / "history.csv") if "history.csv" in listed else pd.DataFrame(),
             step=meta["step"],
             interrupted=meta["interrupted"],
             predicted_lags=None if meta["predicted_lags"] is None else tuple(meta["predicted_lags"]),
-            optimizer_state=torch.load(optimizer_path, weights_only=True) if optimizer_path.is_file() else None,
+            optimizer_state=torch.load(directory / "optimizer.pt", weights_only=True)
+            if "optimizer.pt" in listed
+            else None,
         )
 
 

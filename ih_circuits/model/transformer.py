@@ -33,6 +33,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from ih_circuits.chain import validate_lags
+from ih_circuits.checkpoint import atomic_directory, verify
 from ih_circuits.model.cache import IHActivationCache
 from ih_circuits.model.classifier import Classifier
 from ih_circuits.model.config import IHConfig
@@ -42,6 +43,7 @@ from ih_circuits.task import check_tokens
 
 LogProbs = Float[Tensor, "batch pos d_vocab"]
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+CHECKPOINT_KIND = "IHTransformer checkpoint"
 
 
 class CopierSelectorBlock(nn.Module):
@@ -261,20 +263,26 @@ class IHTransformer(HookedRootModule):
         table = self.config.lag_table
         return [table[h][m] for h, m in enumerate(self.copier_weights().argmax(-1).tolist())]
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if missing)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS_FILE)
-        return directory
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``manifest.json`` into ``directory``, atomically.
+
+        A directory that already holds something is refused unless ``overwrite=True`` (see
+        ``ih_circuits.checkpoint``: a killed save leaves the previous save or the new one, never a mix).
+        """
+        with atomic_directory(directory, CHECKPOINT_KIND, overwrite=overwrite) as staging:
+            (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+            weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(weights, staging / WEIGHTS_FILE)
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | None = None) -> IHTransformer:
-        """Load a ``save_pretrained`` directory; a weight that does not fit the config is an error."""
+        """Load a ``save_pretrained`` directory after checking its manifest; a weight that does not fit the
+        config, or is not finite, is an error."""
         directory = Path(directory)
+        listed = verify(directory, CHECKPOINT_KIND)["files"]
         for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
+            if name not in listed:
                 raise ValueError(f"{directory} is not an IHTransformer checkpoint: {name} is missing")
         cfg = IHConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
         if device is not None:
@@ -292,6 +300,8 @@ class IHTransformer(HookedRootModule):
                     f"checkpoint parameter {name} has shape {tuple(tensor.shape)} but the config needs "
                     f"{tuple(expected[name].shape)}"
                 )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{directory / WEIGHTS_FILE}: parameter {name} holds non-finite values")
         model.load_state_dict(weights)
         return model
 

@@ -1,0 +1,130 @@
+"""Atomic, self-checking save directories.
+
+A save writes every file into a staging directory beside the target, adds ``manifest.json`` (the size and
+SHA-256 of every file) last, and only then renames the staging directory into place; a directory that
+already held a save is first renamed aside and removed once the new one is in place. So a process killed at
+any moment leaves the target holding one complete save or nothing, never a mix: a kill between the two
+renames leaves the previous save beside it as ``.NAME.replaced-*``, and a load says where. A load checks the
+manifest (every file present, sizes and checksums equal) before reading anything.
+
+Saving into a directory that already holds something refuses unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def check_target(directory: str | Path, *, overwrite: bool) -> Path:
+    """Refuse, before any work, a save target that is a file, unwritable, or holds something (unless
+    ``overwrite``); ``.NAME.replaced-*`` leftovers of an interrupted save count as holding something."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot save to {directory}: it is a file, not a directory")
+    parent = _existing_ancestor(directory.parent)
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot save to {directory}: {parent} is not writable")
+    occupied = (directory.is_dir() and any(directory.iterdir())) or bool(_leftovers(directory, "replaced"))
+    if occupied and not overwrite:
+        raise ValueError(
+            f"{directory} already holds a save (or an interrupted save's previous copy); pass overwrite=True "
+            "(CLI: --overwrite) to replace it, or choose another directory"
+        )
+    return directory
+
+
+@contextmanager
+def atomic_directory(directory: str | Path, kind: str, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a staging directory to write into; on success add the manifest and move it to ``directory``."""
+    directory = check_target(directory, overwrite=overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+    try:
+        yield staging
+        write_manifest(staging, kind)
+        _swap(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for leftover in _leftovers(directory, "saving") + _leftovers(directory, "replaced"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_manifest(directory: Path, kind: str) -> None:
+    """Record the size and SHA-256 of every file under ``directory`` (synced to disk) in ``manifest.json``."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"format": FORMAT_VERSION, "kind": kind, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def verify(directory: str | Path, kind: str) -> dict[str, Any]:
+    """Check that ``directory`` holds one complete ``kind`` save; return its manifest, or raise ``ValueError``
+    naming the directory and the file at fault."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        previous = _leftovers(directory, "replaced")
+        hint = f"; an interrupted save left the previous save at {previous[0]}" if previous else ""
+        raise ValueError(f"{directory} is not a saved {kind}: the directory does not exist{hint}")
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{directory} is not a complete saved {kind}: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        found_kind = manifest["kind"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{manifest_path} is unreadable: {error}") from None
+    if found_kind != kind:
+        raise ValueError(f"{directory} holds a saved {found_kind}, not a saved {kind}")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{directory} is incomplete: {name} is listed in {MANIFEST} but missing")
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            raise ValueError(f"{path} does not match its checksum in {MANIFEST}: the file was changed or damaged")
+    return manifest
+
+
+def _swap(staging: Path, directory: Path) -> None:
+    if not directory.exists():
+        os.rename(staging, directory)
+        return
+    aside = directory.parent / f".{directory.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(directory, aside)
+    os.rename(staging, directory)
+    shutil.rmtree(aside)
+
+
+def _leftovers(directory: Path, what: str) -> list[Path]:
+    return sorted(directory.parent.glob(f".{directory.name}.{what}-*")) if directory.parent.is_dir() else []
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

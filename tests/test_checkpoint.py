@@ -1,0 +1,170 @@
+"""Saves are atomic and checked on load: kills, corruption, overwrites and leftovers."""
+
+import json
+import os
+import random
+import signal
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from ih_circuits import IHTransformer, NGramTask, TrainConfig, TrainingRun
+from ih_circuits.checkpoint import MANIFEST, write_manifest
+from ih_circuits.cli import main
+from tests.model.helpers import tiny_config
+
+TASK = NGramTask(vocab_size=3, parents=(1, 2), seq_len=20)
+
+
+def filled_run(value: float, step: int) -> TrainingRun:
+    """A run whose every weight is ``value`` and whose step and history say ``step``: a mix is detectable."""
+    model = IHTransformer(tiny_config())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(value)
+    history = pd.DataFrame({"step": [step], "eval_loss": [value]})
+    optimizer_state = {"stage": 0, "state": {"state": {}, "param_groups": [{"lr": value, "params": []}]}}
+    return TrainingRun(model, TASK, TrainConfig(), history=history, step=step, optimizer_state=optimizer_state)
+
+
+def which_save(directory) -> int:
+    """1 or 2 for a complete save of ``filled_run(1.0, 1)`` or ``filled_run(2.0, 2)``; fails on any mix."""
+    run = TrainingRun.load(directory)
+    values = {float(v) for p in run.model.parameters() for v in p.detach().flatten().unique()}
+    assert len(values) == 1, f"weights of two saves mixed: {values}"
+    (value,) = values
+    assert run.step == value and run.history["step"].tolist() == [value]
+    assert run.history["eval_loss"].tolist() == [value]
+    assert run.optimizer_state["state"]["param_groups"][0]["lr"] == value
+    return int(value)
+
+
+def test_round_trip_writes_a_manifest_and_refuses_to_overwrite(tmp_path):
+    filled_run(1.0, 1).save(tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
+    assert manifest["kind"] == "TrainingRun"
+    assert set(manifest["files"]) == {
+        "run.json",
+        "history.csv",
+        "optimizer.pt",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/manifest.json",
+    }
+    assert which_save(tmp_path / "run") == 1
+    with pytest.raises(ValueError, match="already holds a save.*overwrite=True"):
+        filled_run(2.0, 2).save(tmp_path / "run")
+    assert which_save(tmp_path / "run") == 1
+    with pytest.raises(ValueError, match="already holds a save"):
+        IHTransformer(tiny_config()).save_pretrained(tmp_path / "run" / "model")
+
+
+def test_overwrite_replaces_everything_and_leaves_no_stale_file(tmp_path):
+    filled_run(1.0, 1).save(tmp_path / "run")
+    bare = filled_run(2.0, 2)
+    bare.history, bare.optimizer_state = pd.DataFrame(), None
+    bare.save(tmp_path / "run", overwrite=True)
+    assert not (tmp_path / "run" / "history.csv").exists() and not (tmp_path / "run" / "optimizer.pt").exists()
+    reloaded = TrainingRun.load(tmp_path / "run")
+    assert reloaded.step == 2 and reloaded.optimizer_state is None and reloaded.history.empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize(
+    "name", ["run.json", "history.csv", "optimizer.pt", "model/config.json", "model/model.safetensors"]
+)
+def test_a_damaged_file_is_named(tmp_path, name):
+    filled_run(1.0, 1).save(tmp_path / "run")
+    path = tmp_path / "run" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{path.name} does not match its checksum"):
+        TrainingRun.load(tmp_path / "run")
+
+
+def test_missing_files_and_manifest(tmp_path):
+    filled_run(1.0, 1).save(tmp_path / "run")
+    (tmp_path / "run" / "history.csv").unlink()
+    with pytest.raises(ValueError, match="history.csv is listed in manifest.json but missing"):
+        TrainingRun.load(tmp_path / "run")
+    (tmp_path / "run" / MANIFEST).unlink()
+    with pytest.raises(ValueError, match="not a complete saved TrainingRun: manifest.json is missing"):
+        TrainingRun.load(tmp_path / "run")
+    with pytest.raises(ValueError, match="holds a saved TrainingRun, not a saved IHTransformer checkpoint"):
+        filled_run(1.0, 1).save(tmp_path / "other")
+        IHTransformer.from_pretrained(tmp_path / "other")
+
+
+def test_non_finite_weights_are_refused_on_load(tmp_path):
+    model = IHTransformer(tiny_config())
+    with torch.no_grad():
+        model.classifier.a.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan")
+    with pytest.raises(ValueError, match="parameter blocks.1.attn.a holds non-finite values"):
+        IHTransformer.from_pretrained(tmp_path / "nan")
+
+
+def test_a_save_interrupted_between_its_renames_points_to_the_previous_save(tmp_path):
+    filled_run(1.0, 1).save(tmp_path / "run")
+    aside = tmp_path / ".run.replaced-0000"
+    os.rename(tmp_path / "run", aside)  # the state a kill between the two renames leaves
+    with pytest.raises(ValueError, match=r"does not exist; an interrupted save left the previous save at .*replaced"):
+        TrainingRun.load(tmp_path / "run")
+    with pytest.raises(ValueError, match="already holds a save"):
+        filled_run(2.0, 2).save(tmp_path / "run")
+    filled_run(2.0, 2).save(tmp_path / "run", overwrite=True)
+    assert which_save(tmp_path / "run") == 2 and not aside.exists()
+
+
+def test_files_edited_consistently_are_still_validated(tmp_path):
+    """A manifest rewritten after an edit passes the checksums; the config check behind it still refuses."""
+    IHTransformer(tiny_config(window=3)).save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "window": 2}))
+    write_manifest(tmp_path / "ckpt", "IHTransformer checkpoint")
+    with pytest.raises(ValueError, match=r"w_pos has shape \(3, 3\) but the config needs \(3, 2\)"):
+        IHTransformer.from_pretrained(tmp_path / "ckpt")
+
+
+def test_bad_targets_are_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="it is a file, not a directory"):
+        filled_run(1.0, 1).save(tmp_path / "file")
+    filled_run(1.0, 1).save(tmp_path / "run")
+    started = time.perf_counter()
+    assert main(["train", "--preset", "cwa", "--steps", "300", "--quiet", "--out", str(tmp_path / "run")]) == 2
+    assert time.perf_counter() - started < 5  # refused before training, not after
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+
+
+def test_random_kills_during_saves_never_leave_a_mix(tmp_path):
+    """A forked child saves two different runs in turn into one directory until it is SIGKILLed at a random
+    moment; 100 times. Each time the directory loads to exactly one of the two saves, or refuses clearly."""
+    runs = {1: filled_run(1.0, 1), 2: filled_run(2.0, 2)}
+    target = tmp_path / "run"
+    generator = random.Random(0)
+    outcomes = {1: 0, 2: 0, "refused": 0}
+    for _ in range(100):
+        pid = os.fork()
+        if pid == 0:  # the child: save forever, never return into pytest
+            try:
+                index = 1
+                while True:
+                    runs[index].save(target, overwrite=True)
+                    index = 3 - index
+            finally:
+                os._exit(0)
+        time.sleep(generator.uniform(0.0, 0.15))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        try:
+            outcomes[which_save(target)] += 1
+        except ValueError as error:
+            assert "interrupted save" in str(error) or "does not exist" in str(error), error
+            outcomes["refused"] += 1
+    # Both saves are seen (the kills land at varied points); a refusal needs a kill between two renames.
+    assert outcomes[1] >= 20 and outcomes[2] >= 20 and sum(outcomes.values()) == 100, outcomes
