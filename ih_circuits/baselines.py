@@ -1,7 +1,7 @@
 """Ordinary transformers on the same task: an attention-only 2-layer TransformerLens model.
 
 Built offline from a config, with whichever model class the installed TransformerLens offers: a
-``HookedTransformer`` on TransformerLens 3.x (and 2.x), a ``TransformerBridge`` (``boot_native``) on 4.x,
+``HookedTransformer`` on TransformerLens 3.x, a ``TransformerBridge`` (``boot_native``) on 4.x,
 where ``HookedTransformer`` no longer exists. Neither offers relative-position attention like the paper's
 copier, so we default to rotary positions, the closest option: attention scores then depend on positions
 only through their offset. The model maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]`` (row t
