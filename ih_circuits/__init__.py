@@ -6,6 +6,7 @@ selection theory (``ih_circuits.theory``), the paper's two-layer model as a Tran
 """
 
 from ih_circuits import baselines, probes, sources, theory
+from ih_circuits.memory import MemoryBudgetError, memory_limit, set_memory_limit
 from ih_circuits.model import IHActivationCache, IHConfig, IHTransformer, get_act_patch_stage_out, ideal_model
 from ih_circuits.predictors import (
     ModelAveraging,
@@ -36,6 +37,7 @@ __all__ = [
     "IHConfig",
     "IHTransformer",
     "KernelPrior",
+    "MemoryBudgetError",
     "ModelAveraging",
     "NGramBatch",
     "NGramTask",
@@ -55,12 +57,14 @@ __all__ = [
     "ideal_model",
     "kl_divergence",
     "last_position_nll",
+    "memory_limit",
     "model_averaging",
     "model_averaging_predictive",
     "next_token_nll",
     "oracle_predictive",
     "probes",
     "report",
+    "set_memory_limit",
     "sources",
     "theory",
     "train",

@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ih_circuits.memory import check_memory, items_per_chunk
+
 _TELEPORT = 1e-10
 
 
@@ -91,6 +93,13 @@ def _extend(
     return einops.rearrange(joint, "batch state e -> batch (state e)")
 
 
+def window_law_bytes(d_vocab: int, order: int, length: int) -> int:
+    """Working memory of ``stationary_window_law`` per kernel: the float64 transition system of the
+    d^order-state chain (matrix, system, factorisation) and the laws of the longer runs (law, product, sum)."""
+    n_states = d_vocab**order if order else 0
+    return 8 * (3 * n_states * n_states + 3 * d_vocab ** max(length, order))
+
+
 def stationary_window_law(
     kernels: Float[Tensor, "batch history d_vocab"], parents: Sequence[int], d_vocab: int, length: int
 ) -> Float[Tensor, "batch state"]:
@@ -101,7 +110,8 @@ def stationary_window_law(
     exactly and in batch as (I - P^T + 1 1^T) mu = 1 in float64 (P mixed with a 1e-10 teleport, so the
     answer is unique even when a kernel with exact zeros makes the chain reducible). Longer runs follow by
     mu_{k+1}(w, e) = mu_k(w) pi(e | z(w)); shorter ones by marginalising (stationarity makes every offset
-    alike). Cost O(batch * d^(3r)).
+    alike). Cost O(batch * d^(3r)); kernels are processed in chunks of about ``memory.CHUNK_BYTES`` of working
+    memory, and a law larger than ``memory.memory_limit()`` is refused before anything is allocated.
 
     Args:
         kernels: ``[batch, d^|parents|, d]`` transition tables, rows summing to 1.
@@ -115,9 +125,21 @@ def stationary_window_law(
     parents = validate_lags(parents)
     if length < 1:
         raise ValueError(f"length must be >= 1; got {length}")
-    kernels = kernels.double()
     batch = kernels.shape[0]
     order = max(parents, default=0)
+    per_kernel = window_law_bytes(d_vocab, order, length)
+    check_memory(
+        2 * batch * 8 * d_vocab ** max(length, order) + per_kernel,
+        f"the stationary law of {length} tokens for {batch} kernels (vocabulary {d_vocab}, order {order})",
+        "the batch, the vocabulary size or the window",
+    )
+    chunk = items_per_chunk(batch, per_kernel)
+    if chunk < batch:
+        parts = [
+            stationary_window_law(kernels[i : i + chunk], parents, d_vocab, length) for i in range(0, batch, chunk)
+        ]
+        return torch.cat(parts)
+    kernels = kernels.double()
     if order == 0:
         law = torch.ones(batch, 1, dtype=torch.float64, device=kernels.device)
     else:

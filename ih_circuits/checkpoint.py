@@ -33,9 +33,7 @@ def check_target(directory: str | Path, *, overwrite: bool) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save to {directory}: it is a file, not a directory")
-    parent = _existing_ancestor(directory.parent)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot save to {directory}: {parent} is not writable")
+    _check_writable(directory)
     occupied = (directory.is_dir() and any(directory.iterdir())) or bool(_leftovers(directory, "replaced"))
     if occupied and not overwrite:
         raise ValueError(
@@ -43,6 +41,30 @@ def check_target(directory: str | Path, *, overwrite: bool) -> Path:
             "(CLI: --overwrite) to replace it, or choose another directory"
         )
     return directory
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Refuse, before any work, an output file path that is a directory or lies in an unwritable directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; give a file name such as {path / 'report.html'}")
+    _check_writable(path)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old file or the new."""
+    path = check_output_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextmanager
@@ -101,6 +123,26 @@ def verify(directory: str | Path, kind: str) -> dict[str, Any]:
     return manifest
 
 
+def read_json(path: Path) -> Any:
+    """Parse a JSON file of a save, or raise ``ValueError`` naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def check_fields(data: Any, fields: set[str], what: str, optional: set[str] = frozenset()) -> None:
+    """Raise ``ValueError`` unless ``data`` is a dict with every name in ``fields``, and nothing outside
+    ``fields | optional``: a missing field must not silently take a default when a save is read back."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a JSON object; got {type(data).__name__}")
+    missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields - optional)
+    if missing:
+        raise ValueError(f"{what} is missing {missing}; a save records every field")
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {unknown}; allowed: {sorted(fields | optional)}")
+
+
 def _swap(staging: Path, directory: Path) -> None:
     if not directory.exists():
         os.rename(staging, directory)
@@ -113,6 +155,17 @@ def _swap(staging: Path, directory: Path) -> None:
 
 def _leftovers(directory: Path, what: str) -> list[Path]:
     return sorted(directory.parent.glob(f".{directory.name}.{what}-*")) if directory.parent.is_dir() else []
+
+
+def _check_writable(target: Path) -> None:
+    """Create and remove a file where ``target`` would go (its nearest existing ancestor): permission bits
+    alone do not tell (root, read-only mounts, /proc)."""
+    parent = _existing_ancestor(target.parent)
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write {target}: {parent} is not a writable directory ({error.strerror})") from None
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -1,6 +1,9 @@
 """The ``ih-circuits`` command line: ``train``, ``probe``, ``report``, ``theory`` and ``demo``.
 
-Every command prints plain text; a bad argument is one line on stderr and exit status 2.
+Every command prints plain text. Exit status: 0 done; 1 interrupted (Ctrl-C; an interrupted ``train`` saves the
+run so far, and ``train --resume DIR`` continues it); 2 failed, with one line on stderr and no traceback (a bad
+argument, an occupied or unwritable output, a damaged checkpoint, a diverged training run, a memory budget).
+Output paths are checked before any work starts.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from ih_circuits.checkpoint import check_target
 from ih_circuits.theory import selection_scores
@@ -40,8 +44,8 @@ def _theory(args: argparse.Namespace) -> None:
     print(f"predicted parent set (|S| <= {args.max_degree}): {scores.best(args.max_degree)}")
 
 
-def _train(args: argparse.Namespace) -> None:
-    from ih_circuits.training import train_preset
+def _train(args: argparse.Namespace) -> int:
+    from ih_circuits.training import TrainingDiverged, TrainingRun, train_preset
 
     overrides = {
         k: v
@@ -54,11 +58,37 @@ def _train(args: argparse.Namespace) -> None:
         }.items()
         if v is not None
     }
-    out = check_target(args.out or f"runs/{args.preset}-seed{args.seed}", overwrite=args.overwrite)
-    run = train_preset(args.preset, seed=args.seed, quiet=args.quiet, **overrides)
-    run.save(out, overwrite=args.overwrite)
+    if args.resume is not None:
+        given = [
+            f"--{name.replace('_', '-')}" for name in (*overrides, "preset", "out", "overwrite") if getattr(args, name)
+        ]
+        if given:
+            raise ValueError(f"--resume continues a saved run as it was planned; drop {', '.join(given)}")
+        out = Path(args.resume)
+        run = TrainingRun.load(out)
+        if run.finished:
+            print(f"{out} has finished all {run.step} steps; nothing to resume")
+            return 0
+        print(f"resuming {out} at step {run.step}/{run.config.total_steps}")
+    elif args.preset is None:
+        raise ValueError("train needs --preset NAME (or --resume DIR)")
+    else:
+        out = check_target(args.out or f"runs/{args.preset}-seed{args.seed}", overwrite=args.overwrite)
+    try:
+        if args.resume is not None:
+            run = run.resume(quiet=args.quiet)
+        else:
+            run = train_preset(args.preset, seed=args.seed, quiet=args.quiet, **overrides)
+    except TrainingDiverged as error:
+        error.run.save(out, overwrite=True)
+        raise ValueError(f"{error} (saved to {out})") from None
+    run.save(out, overwrite=True)  # out was checked (or is the run being resumed)
     print(run)
+    if run.interrupted:
+        print(f"interrupted at step {run.step}; saved to {out}; continue with: ih-circuits train --resume {out}")
+        return 1
     print(f"saved run (checkpoint, trajectory) to {out}")
+    return 0
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -72,18 +102,23 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    from ih_circuits.checkpoint import check_output_file
     from ih_circuits.reporting import report
+
+    check_output_file(args.output)
 
     print(f"wrote {report(args.checkpoint, args.output, seed=args.seed)}")
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from ih_circuits.checkpoint import check_output_file
     from ih_circuits.probes import decomposition_test
     from ih_circuits.reporting import report
     from ih_circuits.training import train_preset
 
     out = Path(args.out)
     check_target(out / "run", overwrite=True)
+    check_output_file(out / "report.html")
     print("training the CWa preset (d=3, T=100, H=3, parents {1,2}, alpha=0.1, D=2) ...")
     run = train_preset("cwa", seed=args.seed, quiet=args.quiet)
     run.save(out / "run", overwrite=True)  # the demo regenerates its own output directory on every run
@@ -95,9 +130,20 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"report: {path.resolve()}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error reported as one line (exit status 2) instead of usage text plus the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ih-circuits", description="Generalized induction heads, run and probed.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="ih-circuits",
+        description="Generalized induction heads, run and probed.",
+        epilog="Exit status: 0 done, 1 interrupted (train saves the run; --resume continues it), 2 failed.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     theory = commands.add_parser("theory", help="print I~(S) for every candidate lag set")
     theory.add_argument("--vocab-size", type=int, default=3)
     theory.add_argument("--parents", type=_lags, default=(1, 2), help="comma-separated lags, e.g. 1,2")
@@ -108,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     theory.add_argument("--seed", type=int, default=0)
     theory.set_defaults(run=_theory)
     train = commands.add_parser("train", help="train a preset and save the run")
-    train.add_argument("--preset", required=True, help="cwa, c_w_a, c_w_a_d3, cw_a or full")
+    train.add_argument("--preset", default=None, help="cwa, c_w_a, c_w_a_d3, cw_a or full")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--steps", type=int, default=None, help="total steps (stages rescaled)")
     train.add_argument("--lr", type=float, default=None)
@@ -117,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--out", default=None, help="directory for the run (default runs/PRESET-seedSEED)")
     train.add_argument("--overwrite", action="store_true", help="replace a save already in --out")
+    train.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run saved in DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
     probe = commands.add_parser("probe", help="find the parents and test the decomposition of a saved run")
@@ -138,14 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status (0 done, 1 interrupted, 2 failed with one line on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+        status = args.run(args)
+    except KeyboardInterrupt:
+        print(f"ih-circuits {args.command}: interrupted", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
         print(f"ih-circuits {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except Exception as error:  # a failure we did not foresee: still one line, named by its type
+        print(f"ih-circuits {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    return 0 if status is None else status
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ih_circuits.chain import history_codes, validate_lags
+from ih_circuits.memory import items_per_chunk
 from ih_circuits.priors import DirichletPrior, KernelPrior
 from ih_circuits.task import check_tokens
 
@@ -38,12 +39,34 @@ def history_counts(
 
     ``first_target`` defaults to max(lags) (the first position with a complete history). Rows whose
     query history is incomplete (t + 1 < max(lags)) get zero counts.
+
+    Two exact ways to count, chosen per call by memory: a cumulative sum over one-hot (history, token) codes,
+    O(pos * d^(|S|+1)) per sequence (small vocabularies), or the matches of the query's history against
+    every earlier target's, O(pos^2) per sequence (large vocabularies). Sequences are processed in chunks
+    of about ``memory.CHUNK_BYTES``, so the working memory does not grow with the batch.
     """
     lags = validate_lags(lags, "lags")
     first = max(lags, default=0) if first_target is None else max(first_target, max(lags, default=0))
     codes = history_codes(tokens, lags, d_vocab)
     batch, n_pos = tokens.shape
     n_codes = d_vocab ** len(lags) * d_vocab
+    by_cumsum, by_matches = 8.0 * n_pos * (n_codes + 1), 6.0 * n_pos * n_pos + 12.0 * n_pos * d_vocab
+    count = _counts_by_cumsum if by_cumsum <= by_matches else _counts_by_matches
+    chunk = items_per_chunk(batch, min(by_cumsum, by_matches))
+    if chunk >= batch:
+        return count(tokens, codes, d_vocab, n_codes, first)
+    counts = torch.empty(batch, n_pos, d_vocab, dtype=torch.float32, device=tokens.device)
+    for start in range(0, batch, chunk):
+        part = slice(start, start + chunk)
+        counts[part] = count(tokens[part], codes[part], d_vocab, n_codes, first)
+    return counts
+
+
+def _counts_by_cumsum(
+    tokens: Tokens, codes: Int[Tensor, "batch pos_plus_one"], d_vocab: int, n_codes: int, first: int
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """``history_counts`` as a running sum of one-hot (history, token) codes, read at the query's history."""
+    batch, n_pos = tokens.shape
     keys = codes[:, :n_pos] * d_vocab + tokens
     counted = (torch.arange(n_pos, device=tokens.device) >= first) & (codes[:, :n_pos] >= 0)
     onehot = torch.zeros(batch, n_pos, n_codes + 1, dtype=torch.float32, device=tokens.device)
@@ -53,6 +76,23 @@ def history_counts(
     index = query.clamp_min(0)[..., None] * d_vocab + torch.arange(d_vocab, device=tokens.device)
     counts = cumulative.gather(2, index)
     return counts * (query >= 0)[..., None]
+
+
+def _counts_by_matches(
+    tokens: Tokens, codes: Int[Tensor, "batch pos_plus_one"], d_vocab: int, n_codes: int, first: int
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """``history_counts`` as match[t, l] = [l <= t, target l counted, history(l) = z*_t] times onehot(x_l).
+
+    Integer counts below 2^24 are exact in float32, so this equals the cumulative-sum count.
+    """
+    n_pos = tokens.shape[1]
+    positions = torch.arange(n_pos, device=tokens.device)
+    counted = (positions >= first) & (codes[:, :n_pos] >= 0)  # [batch, key_pos]
+    query = codes[:, 1:]  # [batch, query_pos]
+    match = (query[:, :, None] == codes[:, None, :n_pos]) & counted[:, None, :] & (query >= 0)[:, :, None]
+    match &= positions[None, :, None] >= positions[None, None, :]
+    onehot = F.one_hot(tokens.long(), d_vocab).float()
+    return torch.bmm(match.float(), onehot)
 
 
 def bayes_predictive(

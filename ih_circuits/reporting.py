@@ -10,6 +10,7 @@ import html
 import json
 from pathlib import Path
 
+from ih_circuits.checkpoint import atomic_write_text, check_output_file
 from ih_circuits.model import IHTransformer
 from ih_circuits.probes import decomposition_test
 from ih_circuits.task import NGramTask
@@ -70,8 +71,10 @@ def report(
     Contents: the task, model and training configuration; the verdicts (true parents, the theory's
     prediction, the parents found, whether the decomposition holds); the training figures (selector shares,
     copier weights before/after, a, losses) when a trajectory exists; the parent-probe and decomposition
-    figures; interactive circuitsvis views of both layers on one sequence.
+    figures; interactive circuitsvis views of both layers on one sequence. A ``path`` that cannot be
+    written is refused before any work; the file is written atomically.
     """
+    check_output_file(path)
     run = load_run(run_or_checkpoint, task)
     model, task = run.model, run.task
     decomposition = decomposition_test(model, task, n_sequences=n_sequences, seed=seed)
@@ -125,11 +128,8 @@ def report(
 <h3>Training</h3><pre>{html.escape(json.dumps(run.config.to_dict(), indent=1))}</pre>
 <p>Steps taken: {run.step}{" (interrupted)" if run.interrupted else ""}</p>
 """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    return atomic_write_text(
+        path,
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ih_circuits report</title>"
         f"<style>{_STYLE}</style></head><body>{body}</body></html>",
-        encoding="utf-8",
     )
-    return path

@@ -22,7 +22,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ih_circuits.chain import digit_table, stationary_window_law, validate_lags
+from ih_circuits.checkpoint import check_fields
+from ih_circuits.memory import check_memory
 from ih_circuits.priors import DirichletPrior, KernelPrior, prior_from_dict
+
+# Bytes per kernel entry while sampling: the float32 Gamma draws (concentration, variate, uniform, log, weights),
+# the kernels and their cumulative sums.
+SAMPLING_BYTES_PER_ENTRY = 7 * 4
 
 
 def make_generator(seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:
@@ -153,12 +159,19 @@ class NGramTask:
 
         The same ``seed`` gives the same tokens and kernels on any device: random numbers come from one
         generator (CPU for ``seed``; the generator's own device otherwise) and are then moved to ``device``.
+        The kernels take batch_size * d^|pa| * d floats; above ``memory.memory_limit()`` this raises
+        ``MemoryBudgetError`` before drawing.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        d = self.vocab_size
+        check_memory(
+            SAMPLING_BYTES_PER_ENTRY * batch_size * self.n_histories * d,
+            f"sampling {batch_size} kernels of {self.n_histories} rows x {d} tokens",
+            "batch_size, vocab_size or the number of parents",
+        )
         gen = make_generator(seed, generator)
         device = torch.device(device) if device is not None else gen.device
-        d = self.vocab_size
         kernels = self.prior.sample_rows(batch_size, self.n_histories, d, gen, torch.float32).to(device)
         uniforms = torch.rand(self.seq_len, batch_size, generator=gen, device=gen.device).to(device)
         start = min(self.order, self.seq_len)
@@ -223,15 +236,11 @@ class NGramTask:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NGramTask:
-        allowed = {"vocab_size", "parents", "seq_len", "alpha", "window", "init", "prior"}
-        unknown = set(data) - allowed
-        if unknown:
-            raise ValueError(f"unknown NGramTask keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        values = dict(data)
-        values["parents"] = tuple(values["parents"])
-        if "prior" in values:
-            values["prior"] = prior_from_dict(values["prior"])
-        return cls(**values)
+        """Inverse of ``to_dict``; every field must be present and valid."""
+        check_fields(data, {"vocab_size", "parents", "seq_len", "alpha", "window", "init", "prior"}, "NGramTask")
+        if not isinstance(data["parents"], list):
+            raise ValueError(f"NGramTask parents must be a list of lags; got {data['parents']!r}")
+        return cls(**{**data, "parents": tuple(data["parents"]), "prior": prior_from_dict(data["prior"])})
 
 
 def check_tokens(tokens: Tensor, d_vocab: int | None, name: str = "tokens") -> int:

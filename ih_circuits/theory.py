@@ -10,7 +10,9 @@ The ordinary chi-square mutual information weights each history by mu(z) instead
 I_chi2(S) = E_pi [ sum_{z,e} mu(z,e)^2 / (mu(z) mu(e)) - 1 ]. The squared weight penalises large subsets,
 which split the context into rare histories: a superset of the true parents carries the same I_chi2 but a
 lower I~. The expectation over kernels pi ~ prior is a Monte-Carlo average over ``n_kernels`` draws,
-computed in one batch: stationary laws by batched linear solves, marginals by tensor reductions.
+computed in batches of kernels: stationary laws by batched linear solves, marginals by tensor reductions.
+The working memory stays near ``memory.CHUNK_BYTES`` whatever ``n_kernels``; an enumeration too large for one
+kernel is refused with ``MemoryBudgetError`` before anything is allocated.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ih_circuits.chain import stationary_window_law, validate_lags
+from ih_circuits.chain import stationary_window_law, validate_lags, window_law_bytes
+from ih_circuits.memory import check_memory, items_per_chunk
 from ih_circuits.predictors import candidate_parent_sets
 from ih_circuits.priors import DirichletPrior, KernelPrior
 from ih_circuits.task import make_generator
@@ -107,21 +110,37 @@ def selection_scores(
         if subset and max(subset) > window:
             raise ValueError(f"subsets must lie inside 1..window={window}; got {subset}")
     prior = DirichletPrior(alpha) if prior is None else prior
+    n_rows, order, histories = vocab_size ** len(parents), max(parents, default=0), vocab_size ** (window + 1)
+    check_memory(
+        4 * 8 * n_kernels * n_rows * vocab_size,
+        f"drawing {n_kernels} kernels of {n_rows} rows x {vocab_size} tokens",
+        "n_kernels, vocab_size or the number of parents",
+    )
+    per_kernel = window_law_bytes(vocab_size, order, window + 1) + 8 * 8 * histories  # + law, joint, marginals
+    check_memory(
+        per_kernel,
+        f"the selection theory's exact enumeration of {vocab_size}^{window + 1} = {histories} windows per kernel",
+        "vocab_size or window",
+    )
     generator = make_generator(seed)
-    kernels = prior.sample_rows(n_kernels, vocab_size ** len(parents), vocab_size, generator, torch.float64)
-    law = stationary_window_law(kernels, parents, vocab_size, window + 1)
-    joint = _window_joint(law, vocab_size, window)
-    modified, chi2, stderr = {}, {}, {}
-    for subset in candidates:
-        mu_ze = _subset_joint(joint, subset, window)
-        mu_z = mu_ze.sum(-1)
-        mu_e = mu_ze.sum(-2)
-        ratio = mu_ze.square() / mu_e[:, None, :].clamp_min(1e-300)
-        per_kernel = ratio.sum((-1, -2)) - mu_z.square().sum(-1)
-        chi2_kernel = (ratio / mu_z[..., None].clamp_min(1e-300)).sum((-1, -2)) - 1.0
-        modified[subset] = per_kernel.mean().item()
-        stderr[subset] = (per_kernel.std() / n_kernels**0.5).item()
-        chi2[subset] = chi2_kernel.mean().item()
+    kernels = prior.sample_rows(n_kernels, n_rows, vocab_size, generator, torch.float64)
+    # One preallocated [subset, kernel] table each: small results kept between large temporaries fragment the heap.
+    per_modified = torch.empty(len(candidates), n_kernels, dtype=torch.float64)
+    per_chi2 = torch.empty_like(per_modified)
+    chunk = items_per_chunk(n_kernels, per_kernel)
+    for start in range(0, n_kernels, chunk):
+        law = stationary_window_law(kernels[start : start + chunk], parents, vocab_size, window + 1)
+        joint = _window_joint(law, vocab_size, window)
+        for index, subset in enumerate(candidates):
+            mu_ze = _subset_joint(joint, subset, window)
+            mu_z = mu_ze.sum(-1)
+            mu_e = mu_ze.sum(-2)
+            ratio = mu_ze.square() / mu_e[:, None, :].clamp_min(1e-300)
+            per_modified[index, start : start + chunk] = ratio.sum((-1, -2)) - mu_z.square().sum(-1)
+            per_chi2[index, start : start + chunk] = (ratio / mu_z[..., None].clamp_min(1e-300)).sum((-1, -2)) - 1.0
+    modified = dict(zip(candidates, per_modified.mean(-1).tolist(), strict=True))
+    stderr = dict(zip(candidates, (per_modified.std(-1) / n_kernels**0.5).tolist(), strict=True))
+    chi2 = dict(zip(candidates, per_chi2.mean(-1).tolist(), strict=True))
     return SelectionScores(modified, chi2, stderr, n_kernels)
 
 

@@ -21,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,13 +36,19 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ih_circuits.adapters import white_box
-from ih_circuits.checkpoint import atomic_directory, verify
+from ih_circuits.chain import validate_lags
+from ih_circuits.checkpoint import atomic_directory, check_fields, read_json, verify
+from ih_circuits.memory import items_per_chunk
 from ih_circuits.model import IHConfig, IHTransformer
 from ih_circuits.predictors import last_position_nll, next_token_nll
 from ih_circuits.task import NGramTask
 from ih_circuits.theory import predicted_parent_set
 
 RUN_KIND = "TrainingRun"
+
+# Bytes per [query, key] entry of one sequence in an evaluation forward: float32 scores, pattern and products for
+# a few heads or subsets (the paper's model at H = 3, D = 2 holds about a dozen such tensors).
+ATTENTION_BYTES_PER_ENTRY = 64
 
 GROUPS = ("copier_position", "copier_token", "selector", "classifier", "all")
 OPTIMIZERS = ("sgd", "adam")
@@ -137,13 +146,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        allowed = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - allowed
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        values = dict(data)
-        values["stages"] = tuple(Stage(**{**s, "groups": tuple(s["groups"])}) for s in data.get("stages", []))
-        return cls(**values)
+        """Inverse of ``to_dict``; every field (and every stage field) must be present and valid."""
+        check_fields(data, set(cls.__dataclass_fields__), "TrainConfig")
+        if not isinstance(data["stages"], list):
+            raise ValueError(f"TrainConfig stages must be a list; got {data['stages']!r}")
+        stages = []
+        for index, stage in enumerate(data["stages"]):
+            check_fields(stage, set(Stage.__dataclass_fields__), f"TrainConfig stage {index}")
+            if not isinstance(stage["groups"], list):
+                raise ValueError(f"TrainConfig stage {index} groups must be a list; got {stage['groups']!r}")
+            stages.append(Stage(**{**stage, "groups": tuple(stage["groups"])}))
+        return cls(**{**data, "stages": tuple(stages)})
 
 
 def legacy_loss(probs: Float[Tensor, "batch d_vocab"], targets: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
@@ -195,6 +208,35 @@ def objective_loss(model: nn.Module, tokens: Int[Tensor, "batch pos"], objective
     if loss == "legacy":
         return legacy_loss(rows.exp().flatten(0, 1), targets.flatten()).mean()
     return -rows.gather(-1, targets[..., None]).mean()
+
+
+@torch.no_grad()
+def chunked_loss(model: nn.Module, tokens: Int[Tensor, "batch pos"], objective: str) -> float:
+    """Mean log-loss over ``tokens``, evaluated in chunks of sequences sized so that one chunk's attention
+    tensors take about ``memory.CHUNK_BYTES``: [pos, pos] per head and intermediate, or one query row
+    when ``IHTransformer`` evaluates the last position alone."""
+    n_sequences, n_pos = tokens.shape
+    query_rows = 1 if objective == "last" and white_box(model) is not None else n_pos
+    chunk = items_per_chunk(n_sequences, ATTENTION_BYTES_PER_ENTRY * query_rows * n_pos)
+    total = 0.0
+    for start in range(0, n_sequences, chunk):
+        part = tokens[start : start + chunk]
+        total += float(objective_loss(model, part, objective, "log")) * part.shape[0]
+    return total / n_sequences
+
+
+HISTORY_COLUMNS = (
+    "step",
+    "stage",
+    "loss",
+    "eval_loss",
+    "bayes_loss",
+    "excess_loss",
+    "a",
+    "leading_subset",
+    "leading_lags",
+    "predicted_lags",
+)
 
 
 def subset_column(subset: tuple[int, ...]) -> str:
@@ -253,6 +295,9 @@ class TrainingRun:
         """
         if white_box(self.model) is None:
             raise ValueError("TrainingRun.save supports IHTransformer runs; save other models with their own tools")
+        expected = history_columns(self.model)
+        if len(self.history) and list(self.history.columns) != expected:
+            raise ValueError(f"history columns {list(self.history.columns)} are not this model's: {expected}")
         with atomic_directory(directory, RUN_KIND, overwrite=overwrite) as staging:
             self.model.save_pretrained(staging / "model")
             meta = {
@@ -271,24 +316,106 @@ class TrainingRun:
 
     @classmethod
     def load(cls, directory: str | Path) -> TrainingRun:
-        """Inverse of ``save``, after checking the manifest: a damaged, incomplete or mixed save is an error."""
+        """Inverse of ``save``, after checking the manifest: a damaged, incomplete or mixed save is an error.
+
+        Every file is validated before the run is built: all fields present and typed, ``step`` within the
+        planned steps, the model's vocabulary and context equal to the task's, the history's columns those of
+        this model, the optimizer state one of the stages'. Each failure is a ``ValueError`` naming the file
+        and the field.
+        """
         directory = Path(directory)
         listed = verify(directory, RUN_KIND)["files"]
         if "run.json" not in listed:
             raise ValueError(f"{directory} is not a saved TrainingRun: run.json is missing")
-        meta = json.loads((directory / "run.json").read_text())
+        meta_path = directory / "run.json"
+        meta = read_json(meta_path)
+        try:
+            check_fields(meta, {"task", "train_config", "step", "interrupted", "predicted_lags"}, "run.json")
+            task = _field(meta, "task", NGramTask.from_dict)
+            config = _field(meta, "train_config", TrainConfig.from_dict)
+            step = meta["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= config.total_steps:
+                raise ValueError(f"step must be an integer in 0..{config.total_steps} (planned steps); got {step!r}")
+            if not isinstance(meta["interrupted"], bool):
+                raise ValueError(f"interrupted must be true or false; got {meta['interrupted']!r}")
+            predicted = meta["predicted_lags"]
+            if predicted is not None:
+                if not isinstance(predicted, list):
+                    raise ValueError(f"predicted_lags must be a list of lags or null; got {predicted!r}")
+                predicted = _field(meta, "predicted_lags", lambda lags: validate_lags(lags, "lags"))
+        except ValueError as error:
+            raise ValueError(f"{meta_path}: {error}") from None
+        model = IHTransformer.from_pretrained(directory / "model")
+        if model.config.d_vocab != task.vocab_size or model.config.n_ctx < task.seq_len:
+            cfg = model.config
+            raise ValueError(
+                f"{directory}: the model (model/config.json d_vocab={cfg.d_vocab}, n_ctx={cfg.n_ctx}) does not fit "
+                f"the task (run.json vocab_size={task.vocab_size}, seq_len={task.seq_len})"
+            )
+        history = _read_history(directory / "history.csv", model) if "history.csv" in listed else pd.DataFrame()
+        if len(history) and int(history["step"].iloc[-1]) > step:
+            raise ValueError(f"{directory / 'history.csv'}: records step {history['step'].iloc[-1]} after step {step}")
+        optimizer_state = None
+        if "optimizer.pt" in listed:
+            optimizer_state = _read_optimizer_state(directory / "optimizer.pt", len(config.stages))
         return cls(
-            model=IHTransformer.from_pretrained(directory / "model"),
-            task=NGramTask.from_dict(meta["task"]),
-            config=TrainConfig.from_dict(meta["train_config"]),
-            history=pd.read_csv(directory / "history.csv") if "history.csv" in listed else pd.DataFrame(),
-            step=meta["step"],
+            model=model,
+            task=task,
+            config=config,
+            history=history,
+            step=step,
             interrupted=meta["interrupted"],
-            predicted_lags=None if meta["predicted_lags"] is None else tuple(meta["predicted_lags"]),
-            optimizer_state=torch.load(directory / "optimizer.pt", weights_only=True)
-            if "optimizer.pt" in listed
-            else None,
+            predicted_lags=predicted,
+            optimizer_state=optimizer_state,
         )
+
+
+def _field(data: dict[str, Any], name: str, parse: Callable[[Any], Any]) -> Any:
+    """``parse(data[name])`` with the field's name added to any error."""
+    try:
+        return parse(data[name])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def history_columns(model: IHTransformer) -> list[str]:
+    """The columns a trajectory row of ``model`` has (``_Evaluator.row``)."""
+    cfg = model.config
+    weights = [f"w[{h},{m}]" for h in range(cfg.n_heads) for m in range(cfg.window)]
+    return [*HISTORY_COLUMNS, *(subset_column(s) for s in cfg.subsets), *weights]
+
+
+def _read_history(path: Path, model: IHTransformer) -> pd.DataFrame:
+    try:
+        history = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as error:
+        raise ValueError(f"{path} is not a readable CSV table: {error}") from None
+    expected = history_columns(model)
+    if list(history.columns) != expected:
+        missing = sorted(set(expected) - set(history.columns))
+        unknown = sorted(set(history.columns) - set(expected))
+        raise ValueError(f"{path}: columns do not match the model: missing {missing}, unexpected {unknown}")
+    steps = history["step"]
+    if not pd.api.types.is_integer_dtype(steps) or (steps < 0).any() or not steps.is_monotonic_increasing:
+        raise ValueError(f"{path}: step must hold increasing non-negative integers; got {steps.tolist()[:5]}...")
+    numbers = [c for c in expected if c not in ("step", "stage", "leading_subset", "leading_lags", "predicted_lags")]
+    measured = [c for c in numbers if c != "loss"]  # the first row has no training loss yet
+    if not all(pd.api.types.is_float_dtype(history[c]) for c in numbers) or history[measured].isna().any().any():
+        raise ValueError(f"{path}: the columns {numbers} must hold numbers (loss may be empty in the first row)")
+    return history
+
+
+def _read_optimizer_state(path: Path, n_stages: int) -> dict[str, Any]:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # torch.load raises several error types for a malformed file
+        raise ValueError(f"{path} is not a readable optimizer state: {error}") from None
+    stage = state.get("stage") if isinstance(state, dict) else None
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n_stages:
+        raise ValueError(f"{path}: stage must be an integer in 0..{n_stages - 1}; got {stage!r}")
+    if not isinstance(state.get("state"), dict):
+        raise ValueError(f"{path}: state must be an optimizer state_dict")
+    return state
 
 
 class _Evaluator:
@@ -306,7 +433,7 @@ class _Evaluator:
     @torch.no_grad()
     def row(self, step: int, stage: str, train_loss: float) -> dict[str, Any]:
         run, model = self.run, self.run.model
-        eval_loss = float(objective_loss(model, self.tokens, run.config.objective, "log"))
+        eval_loss = chunked_loss(model, self.tokens, run.config.objective)
         row: dict[str, Any] = {
             "step": step,
             "stage": stage,
@@ -399,41 +526,12 @@ def _run(run: TrainingRun, *, quiet: bool, callback: Callable[[TrainingRun], Non
     batch_at = _batches(run)
     rows = run.history.to_dict("records") if len(run.history) else []
     progress = tqdm(total=cfg.total_steps, initial=run.step, disable=quiet, desc="train", dynamic_ncols=True)
-    optimizer, optimizer_stage = None, None
     run.interrupted = False
     try:
         if not rows:
             rows.append(evaluator.row(0, cfg.stages[0].name or "stage 0", float("nan")))
-        while run.step < cfg.total_steps:
-            index, stage, _ = _stage_at(cfg, run.step)
-            if optimizer_stage != index:
-                params = parameter_groups(model, stage.groups)
-                moving = {id(p) for p in params}
-                for p in model.parameters():
-                    p.requires_grad_(id(p) in moving)
-                optimizer, optimizer_stage = _make_optimizer(stage, params), index
-                if run.optimizer_state is not None and run.optimizer_state.get("stage") == index:
-                    optimizer.load_state_dict(run.optimizer_state["state"])
-            tokens = batch_at(run.step)
-            optimizer.zero_grad(set_to_none=True)
-            loss = objective_loss(model, tokens, cfg.objective, cfg.loss)
-            if torch.isfinite(loss):
-                loss.backward()
-            _check_finite(model, loss, run)
-            optimizer.step()
-            run.step += 1
-            run.optimizer_state = {"stage": index, "state": optimizer.state_dict()}
-            if run.step % cfg.record_every == 0 or run.step == cfg.total_steps:
-                rows.append(evaluator.row(run.step, stage.name or f"stage {index}", float(loss.detach())))
-                latest = rows[-1]
-                progress.set_postfix(
-                    loss=f"{latest['eval_loss']:.4f}",
-                    excess=f"{latest['excess_loss']:.4f}",
-                    **({"lead": latest["leading_lags"], "a": f"{latest['a']:.2f}"} if "a" in latest else {}),
-                )
-            progress.update(1)
-            if callback is not None:
-                callback(run)
+        with _interrupt_between_steps() as stop_requested:
+            _steps(run, evaluator, batch_at, rows, progress, callback, stop_requested)
     except KeyboardInterrupt:
         run.interrupted = True
     finally:
@@ -443,6 +541,74 @@ def _run(run: TrainingRun, *, quiet: bool, callback: Callable[[TrainingRun], Non
         model.eval()
         run.history = pd.DataFrame(rows)
     return run
+
+
+def _steps(
+    run: TrainingRun,
+    evaluator: _Evaluator,
+    batch_at: Callable[[int], Tensor],
+    rows: list[dict[str, Any]],
+    progress: Any,
+    callback: Callable[[TrainingRun], None] | None,
+    stop_requested: Callable[[], bool],
+) -> None:
+    """The optimizer steps from ``run.step`` to the end; a requested stop raises KeyboardInterrupt between steps."""
+    cfg, model = run.config, run.model
+    optimizer, optimizer_stage = None, None
+    while run.step < cfg.total_steps:
+        index, stage, _ = _stage_at(cfg, run.step)
+        if optimizer_stage != index:
+            params = parameter_groups(model, stage.groups)
+            moving = {id(p) for p in params}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in moving)
+            optimizer, optimizer_stage = _make_optimizer(stage, params), index
+            if run.optimizer_state is not None and run.optimizer_state.get("stage") == index:
+                optimizer.load_state_dict(run.optimizer_state["state"])
+        tokens = batch_at(run.step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective_loss(model, tokens, cfg.objective, cfg.loss)
+        if torch.isfinite(loss):
+            loss.backward()
+        _check_finite(model, loss, run)
+        optimizer.step()
+        run.step += 1
+        run.optimizer_state = {"stage": index, "state": optimizer.state_dict()}
+        if run.step % cfg.record_every == 0 or run.step == cfg.total_steps:
+            rows.append(evaluator.row(run.step, stage.name or f"stage {index}", float(loss.detach())))
+            latest = rows[-1]
+            progress.set_postfix(
+                loss=f"{latest['eval_loss']:.4f}",
+                excess=f"{latest['excess_loss']:.4f}",
+                **({"lead": latest["leading_lags"], "a": f"{latest['a']:.2f}"} if "a" in latest else {}),
+            )
+        progress.update(1)
+        if callback is not None:
+            callback(run)
+        if stop_requested():
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def _interrupt_between_steps() -> Iterator[Callable[[], bool]]:
+    """Hold a Ctrl-C (SIGINT) until the current step is complete, so that a stopped run never holds half a
+    step (weights updated, step not counted) and resumes exactly; a second Ctrl-C interrupts at once. Outside
+    the main thread, where Python cannot handle signals, a Ctrl-C interrupts wherever it lands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def train(
@@ -457,7 +623,8 @@ def train(
 
     Works for ``IHTransformer`` (any parameter groups) and for any module mapping tokens to next-token
     logits ``[batch, pos, d_vocab]``, such as the ordinary TransformerLens baseline (groups ``("all",)``).
-    Ctrl-C stops training and returns what was recorded (``run.interrupted``); ``run.resume()`` goes on.
+    Ctrl-C stops training after the current step and returns what was recorded (``run.interrupted``);
+    ``run.resume()`` goes on exactly as an uninterrupted run would.
     ``callback(run)`` is called after every step.
     """
     if not isinstance(task, NGramTask):

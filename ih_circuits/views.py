@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ih_circuits.checkpoint import atomic_write_text
 from ih_circuits.probes import DecompositionReport, ParentReport
 from ih_circuits.task import NGramTask
 
@@ -39,9 +40,10 @@ class HTMLView:
         return self.html
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{self.html}</body></html>")
-        return path
+        """Write a standalone HTML page (atomically)."""
+        return atomic_write_text(
+            path, f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{self.html}</body></html>"
+        )
 
 
 def circuitsvis_bundle() -> str:

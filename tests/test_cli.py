@@ -1,5 +1,13 @@
 """The ``ih-circuits`` command line."""
 
+import os
+import signal
+
+import pandas as pd
+import pytest
+import torch
+
+from ih_circuits import TrainingRun
 from ih_circuits.cli import main
 
 
@@ -35,3 +43,108 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 def test_unknown_preset_is_one_line(capsys):
     assert main(["train", "--preset", "nope", "--quiet"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+TRAIN = ["train", "--preset", "cwa", "--steps", "12", "--batch-size", "64", "--quiet"]
+
+
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    """Send this process a real SIGINT (Ctrl-C) while training computes the loss of ``step`` (1-based)."""
+    from ih_circuits import training
+
+    original, calls = training.objective_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())  # training steps; evaluation runs without gradients
+        if sum(calls) == step and calls[-1]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "objective_loss", loss_then_ctrl_c)
+
+
+def test_ctrl_c_saves_the_run_exits_1_and_resume_finishes_it_exactly(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during step 5: the step completes, the run is saved with exit status 1, and ``--resume`` ends
+    with the same weights and trajectory as a run never interrupted (fresh data is seeded by step)."""
+    assert main([*TRAIN, "--out", str(tmp_path / "whole")]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 5)
+        assert main([*TRAIN, "--out", str(tmp_path / "cut")]) == 1
+    printed = capsys.readouterr().out
+    assert "interrupted at step 5" in printed and f"ih-circuits train --resume {tmp_path / 'cut'}" in printed
+    cut = TrainingRun.load(tmp_path / "cut")
+    assert cut.interrupted and cut.step == 5
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    resumed, whole = TrainingRun.load(tmp_path / "cut"), TrainingRun.load(tmp_path / "whole")
+    assert resumed.step == whole.step == 12 and not resumed.interrupted
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    pd.testing.assert_frame_equal(resumed.history, whole.history)
+    assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_every_failure_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main([*TRAIN, "--out", str(tmp_path / "file")]) == 2
+    assert "it is a file, not a directory" in one_error_line(capsys)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "3"]) == 2
+    assert "drop --steps" in one_error_line(capsys)
+    assert main(["train", "--quiet"]) == 2
+    assert "needs --preset" in one_error_line(capsys)
+    assert main([*TRAIN, "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path)]) == 2
+    assert "it is a directory" in one_error_line(capsys)
+    weights = tmp_path / "run" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    for command in (
+        ["probe", str(tmp_path / "run")],
+        ["report", str(tmp_path / "run")],
+        ["train", "--resume", str(tmp_path / "run")],
+    ):
+        assert main(command) == 2
+        assert "model.safetensors does not match its checksum" in one_error_line(capsys)
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--steps", "many"])
+    assert exit_info.value.code == 2
+    assert "invalid int value: 'many'" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where nobody can create files")
+def test_unwritable_output_directory_is_refused_before_training(capsys, monkeypatch):
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("training started although the output directory cannot be written")
+
+    monkeypatch.setattr("ih_circuits.training.train_preset", must_not_train)
+    assert main([*TRAIN, "--out", "/proc/ih-circuits-run"]) == 2
+    assert "/proc is not a writable directory" in one_error_line(capsys)
+
+
+def test_a_diverged_run_is_saved_and_reported_in_one_line(tmp_path, capsys, monkeypatch):
+    """A NaN loss at step 3 stops training (TrainingDiverged); the CLI saves the two good steps and says where."""
+    from ih_circuits import training
+
+    original, calls = training.objective_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        calls.append(torch.is_grad_enabled())
+        return loss * float("nan") if sum(calls) == 3 and calls[-1] else loss
+
+    monkeypatch.setattr(training, "objective_loss", nan_at_step_3)
+    assert main([*TRAIN, "--out", str(tmp_path / "run")]) == 2
+    line = one_error_line(capsys)
+    assert "training loss became nan at step 2" in line and f"saved to {tmp_path / 'run'}" in line
+    kept = TrainingRun.load(tmp_path / "run")
+    assert kept.step == 2 and all(torch.isfinite(p).all() for p in kept.model.parameters())

@@ -134,8 +134,10 @@ def test_fixed_dataset_minibatches_cover_each_sequence_once(paper_task):
 def test_task_round_trips_through_dict():
     task = NGramTask(vocab_size=4, parents=(1, 3), seq_len=20, alpha=0.3, window=4, init="stationary")
     assert NGramTask.from_dict(task.to_dict()) == task
-    with pytest.raises(ValueError, match="unknown NGramTask keys"):
+    with pytest.raises(ValueError, match="NGramTask has unknown fields"):
         NGramTask.from_dict({**task.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match=r"NGramTask is missing \[.init.\]"):
+        NGramTask.from_dict({k: v for k, v in task.to_dict().items() if k != "init"})
 
 
 @pytest.mark.parametrize(

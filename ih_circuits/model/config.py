@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from transformer_lens.config import TransformerLensConfig
 
+from ih_circuits.checkpoint import check_fields
+
 COPIERS = ("positional", "full")
 LAYOUTS = ("shared", "staggered")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -121,11 +123,9 @@ class IHConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IHConfig:
-        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - allowed
-        if unknown:
-            raise ValueError(f"unknown IHConfig keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        """Inverse of ``to_dict``: every field must be present (a missing ``layout`` must not silently become
+        ``"shared"``) and nothing else; values are validated as on construction."""
+        check_fields(data, {f.name for f in dataclasses.fields(cls)}, "IHConfig")
         return cls(**data)
 
     def replace(self, **changes: Any) -> IHConfig:

@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from ih_circuits.memory import check_memory, items_per_chunk
 from ih_circuits.model.config import IHConfig
 
 
@@ -44,25 +45,107 @@ class Selector(nn.Module):
         return squared / squared.sum().clamp_min(tiny)
 
     def forward(
-        self, queries: Float[Tensor, "batch query_pos head d_vocab"], keys: Float[Tensor, "batch key_pos head d_vocab"]
+        self,
+        queries: Float[Tensor, "batch query_pos head d_vocab"],
+        keys: Float[Tensor, "batch key_pos head d_vocab"],
+        dense: bool = True,
     ) -> Float[Tensor, "batch query_pos key_pos"]:
         """K(i, j) for query positions i and key positions j, from the copier's per-head features."""
-        return self.combine(torch.einsum("bqhe,bkhe->bhqk", queries, keys))
+        return self.combine(torch.einsum("bqhe,bkhe->bhqk", queries, keys), dense)
 
     def combine(
-        self, head_similarity: Float[Tensor, "batch head query_pos key_pos"]
+        self, head_similarity: Float[Tensor, "batch head query_pos key_pos"], dense: bool = True
     ) -> Float[Tensor, "batch query_pos key_pos"]:
-        """K = sum_S shares_S prod_{h in S} G_h from the per-head similarities G_h."""
+        """K = sum_S shares_S prod_{h in S} G_h from the per-head similarities G_h.
+
+        ``dense`` builds the whole ``[batch, subset, query_pos, key_pos]`` stack for ``hook_subset_similarity``
+        (refused before it is built if it would exceed ``memory.memory_limit()``). Otherwise, when the products
+        of all subsets would take more than ``memory.CHUNK_BYTES``, subsets are multiplied and summed in chunks
+        and recomputed in the backward pass instead of kept (``ChunkedSubsetSum``): the memory stays near one
+        chunk however many subsets there are (H = 12 heads at degree 12 has 4096).
+        """
         shares = self.shares()
         head_similarity = self.hook_head_similarity(head_similarity)
-        products = []
-        for subset in self.subsets:
-            product = torch.ones_like(head_similarity[:, 0])
-            for head in subset:
-                product = product * head_similarity[:, head]
-            products.append(product)
-        # Stacked subset-major so that the share-weighted sum is one matrix-vector product.
-        subset_major = torch.stack(products, dim=0)
-        subset_similarity = self.hook_subset_similarity(einops.rearrange(subset_major, "s b q k -> b s q k"))
-        subset_major = einops.rearrange(subset_similarity, "b s q k -> s b q k")
-        return self.hook_kernel(torch.tensordot(shares, subset_major, dims=1))
+        per_subset = head_similarity[:, 0].numel() * head_similarity.element_size() * (self.cfg.max_degree + 2)
+        if dense:
+            check_memory(
+                len(self.subsets) * per_subset,
+                f"the selector's {len(self.subsets)} subset products over {tuple(head_similarity[:, 0].shape)}",
+                "max_degree or n_heads (fewer subsets), the batch size or the sequence length",
+            )
+            subset_major = _products(head_similarity, self.subsets)
+            subset_similarity = self.hook_subset_similarity(einops.rearrange(subset_major, "s b q k -> b s q k"))
+            # Subset-major, so that the share-weighted sum is one matrix-vector product.
+            subset_major = einops.rearrange(subset_similarity, "b s q k -> s b q k")
+            return self.hook_kernel(torch.tensordot(shares, subset_major, dims=1))
+        chunk = items_per_chunk(len(self.subsets), per_subset)
+        if chunk >= len(self.subsets):
+            return self.hook_kernel(_weighted_products(head_similarity, shares, self.subsets))
+        return self.hook_kernel(ChunkedSubsetSum.apply(head_similarity, shares, self.subsets, chunk))
+
+
+class ChunkedSubsetSum(torch.autograd.Function):
+    """K = sum_S w_S prod_{h in S} G_h over chunks of subsets, keeping only G and w for the backward pass.
+
+    dK/dw_S = prod_{h in S} G_h and dK/dG_h = sum_{S containing h} w_S prod_{g in S, g != h} G_g are
+    recomputed chunk by chunk, so no [subset, ...] stack larger than one chunk ever exists.
+    """
+
+    @staticmethod
+    def forward(ctx, head_similarity: Tensor, shares: Tensor, subsets: list[tuple[int, ...]], chunk: int) -> Tensor:
+        ctx.save_for_backward(head_similarity, shares)
+        ctx.subsets, ctx.chunk = subsets, chunk
+        return _chunked_sum(head_similarity, shares, subsets, chunk)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        head_similarity, shares = ctx.saved_tensors
+        subsets, chunk = ctx.subsets, ctx.chunk
+        flat_grad = grad.flatten()
+        # Written into one preallocated tensor: small results kept between large temporaries fragment the heap.
+        grad_shares = torch.empty_like(shares)
+        for start in range(0, len(subsets), chunk):
+            products = _products(head_similarity, subsets[start : start + chunk])
+            grad_shares[start : start + chunk] = products.flatten(1) @ flat_grad
+        grad_similarity = torch.zeros_like(head_similarity)
+        for head in range(head_similarity.shape[1]):
+            containing = [i for i, subset in enumerate(subsets) if head in subset]
+            if containing:
+                others = [tuple(g for g in subsets[i] if g != head) for i in containing]
+                weights = shares[torch.tensor(containing, device=shares.device)]
+                grad_similarity[:, head] = grad * _chunked_sum(head_similarity, weights, others, chunk)
+        return grad_similarity, grad_shares, None, None
+
+
+def _chunked_sum(
+    head_similarity: Float[Tensor, "batch head query_pos key_pos"],
+    weights: Float[Tensor, " subset"],
+    subsets: list[tuple[int, ...]],
+    chunk: int,
+) -> Float[Tensor, "batch query_pos key_pos"]:
+    total = torch.zeros_like(head_similarity[:, 0])
+    for start in range(0, len(subsets), chunk):
+        total += _weighted_products(head_similarity, weights[start : start + chunk], subsets[start : start + chunk])
+    return total
+
+
+def _products(
+    head_similarity: Float[Tensor, "batch head query_pos key_pos"], subsets: list[tuple[int, ...]]
+) -> Float[Tensor, "subset batch query_pos key_pos"]:
+    """prod_{h in S} G_h for each subset S, stacked subset-major."""
+    products = []
+    for subset in subsets:
+        product = torch.ones_like(head_similarity[:, 0])
+        for head in subset:
+            product = product * head_similarity[:, head]
+        products.append(product)
+    return torch.stack(products, dim=0)
+
+
+def _weighted_products(
+    head_similarity: Float[Tensor, "batch head query_pos key_pos"],
+    shares: Float[Tensor, " subset"],
+    subsets: list[tuple[int, ...]],
+) -> Float[Tensor, "batch query_pos key_pos"]:
+    """sum_S shares_S prod_{h in S} G_h over the given subsets."""
+    return torch.tensordot(shares, _products(head_similarity, subsets), dims=1)

@@ -33,7 +33,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from ih_circuits.chain import validate_lags
-from ih_circuits.checkpoint import atomic_directory, verify
+from ih_circuits.checkpoint import atomic_directory, read_json, verify
 from ih_circuits.model.cache import IHActivationCache
 from ih_circuits.model.classifier import Classifier
 from ih_circuits.model.config import IHConfig
@@ -177,11 +177,11 @@ class IHTransformer(HookedRootModule):
                 kernel = self._query_kernel_from_codes(tokens.long(), n_pos - 2)
             else:
                 features = self.copier(embed, dense)
-                kernel = self.selector(features[:, rows], features)
+                kernel = self.selector(features[:, rows], features, dense)
         else:
             rows = torch.arange(n_pos, device=device)
             features = self.copier(embed, dense)
-            kernel = self.selector(features, features)
+            kernel = self.selector(features, features, dense)
         log_probs = self.classifier(kernel, embed, rows, dense)
         if rows.shape[0] == n_pos:
             log_probs = self.hook_log_probs(log_probs)
@@ -199,7 +199,7 @@ class IHTransformer(HookedRootModule):
         codes = self.copier.token_codes(tokens, row)
         table = self.copier.similarity_table()
         as_batch = einops.rearrange(table, "q c k h -> (q c) h 1 k")
-        kernel_table = einops.rearrange(self.selector.combine(as_batch), "qc 1 k -> (qc k) 1")
+        kernel_table = einops.rearrange(self.selector.combine(as_batch, dense=False), "qc 1 k -> (qc k) 1")
         return einops.rearrange(Lookup.apply(kernel_table, codes), "batch key 1 -> batch 1 key")
 
     def to_tokens(self, sequence: str | list[str] | list[int] | list[list[int]] | Tensor) -> Int[Tensor, "batch pos"]:
@@ -284,21 +284,35 @@ class IHTransformer(HookedRootModule):
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if name not in listed:
                 raise ValueError(f"{directory} is not an IHTransformer checkpoint: {name} is missing")
-        cfg = IHConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        try:
+            cfg = IHConfig.from_dict(read_json(directory / CONFIG_FILE))
+        except ValueError as error:
+            raise ValueError(f"{directory / CONFIG_FILE}: {error}") from None
         if device is not None:
             cfg = cfg.replace(device=device)
         model = cls(cfg)
-        weights = load_file(directory / WEIGHTS_FILE)
+        try:
+            weights = load_file(directory / WEIGHTS_FILE)
+        except Exception as error:  # safetensors raises its own error types for a malformed file
+            raise ValueError(f"{directory / WEIGHTS_FILE} is not a readable safetensors file: {error}") from None
         expected = model.state_dict()
         missing = sorted(set(expected) - set(weights))
         unexpected = sorted(set(weights) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"checkpoint weights do not match the config: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"{directory / WEIGHTS_FILE}: the weights do not match {CONFIG_FILE}: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
         for name, tensor in weights.items():
             if tensor.shape != expected[name].shape:
                 raise ValueError(
-                    f"checkpoint parameter {name} has shape {tuple(tensor.shape)} but the config needs "
-                    f"{tuple(expected[name].shape)}"
+                    f"{directory / WEIGHTS_FILE}: parameter {name} has shape {tuple(tensor.shape)} but "
+                    f"{CONFIG_FILE} needs {tuple(expected[name].shape)}"
+                )
+            if tensor.dtype != expected[name].dtype:
+                raise ValueError(
+                    f"{directory / WEIGHTS_FILE}: parameter {name} is {tensor.dtype} but {CONFIG_FILE} says "
+                    f"dtype={cfg.dtype!r}"
                 )
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{directory / WEIGHTS_FILE}: parameter {name} holds non-finite values")

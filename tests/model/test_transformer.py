@@ -154,11 +154,14 @@ def test_checkpoint_with_mismatched_config_is_refused(tmp_path):
         IHTransformer.from_pretrained(tmp_path / "nowhere")
 
 
-def test_config_round_trips_and_rejects_unknown_keys():
+def test_config_round_trips_and_rejects_unknown_or_missing_keys():
     cfg = tiny_config(copier="full", layout="staggered", dtype="float64")
     assert IHConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="unknown IHConfig keys"):
+    with pytest.raises(ValueError, match=r"IHConfig has unknown fields \['lr'\]"):
         IHConfig.from_dict({**cfg.to_dict(), "lr": 1.0})
+    without_layout = {k: v for k, v in cfg.to_dict().items() if k != "layout"}
+    with pytest.raises(ValueError, match=r"IHConfig is missing \['layout'\]"):  # not silently "shared"
+        IHConfig.from_dict(without_layout)
 
 
 @pytest.mark.parametrize(
