@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,7 +22,7 @@ from ih_circuits.theory import selection_scores
 def _lags(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
-    except (ValueError, FileNotFoundError) as error:
+    except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2; got {text!r}") from error
 
 
@@ -64,21 +65,19 @@ def _train(args: argparse.Namespace) -> int:
         ]
         if given:
             raise ValueError(f"--resume continues a saved run as it was planned; drop {', '.join(given)}")
-        out = Path(args.resume)
-        run = TrainingRun.load(out)
-        if run.finished:
-            print(f"{out} has finished all {run.step} steps; nothing to resume")
+        out, saved = Path(args.resume), TrainingRun.load(args.resume)
+        if saved.finished:
+            print(f"{out} has finished all {saved.step} steps; nothing to resume")
             return 0
-        print(f"resuming {out} at step {run.step}/{run.config.total_steps}")
+        print(f"resuming {out} at step {saved.step}/{saved.config.total_steps}")
+        go_on = partial(saved.resume, quiet=args.quiet)
     elif args.preset is None:
         raise ValueError("train needs --preset NAME (or --resume DIR)")
     else:
         out = check_target(args.out or f"runs/{args.preset}-seed{args.seed}", overwrite=args.overwrite)
+        go_on = partial(train_preset, args.preset, seed=args.seed, quiet=args.quiet, **overrides)
     try:
-        if args.resume is not None:
-            run = run.resume(quiet=args.quiet)
-        else:
-            run = train_preset(args.preset, seed=args.seed, quiet=args.quiet, **overrides)
+        run = go_on()
     except TrainingDiverged as error:
         error.run.save(out, overwrite=True)
         raise ValueError(f"{error} (saved to {out})") from None
@@ -106,7 +105,6 @@ def _report(args: argparse.Namespace) -> None:
     from ih_circuits.reporting import report
 
     check_output_file(args.output)
-
     print(f"wrote {report(args.checkpoint, args.output, seed=args.seed)}")
 
 
