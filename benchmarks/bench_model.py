@@ -4,14 +4,17 @@ Size: batch 9000, T = 100 context tokens (+ target), d = 3, H = 3, M = 3, D = 2,
 last-position loss. The dense reference is the straightforward implementation: per-head (T+1)x(T+1)
 position-logit matrices built with a Python loop over heads (and lags), softmax, a matrix product with
 the one-hot tokens, then layer 2 at the query row only. Both compute the same function; the script
-checks that the losses agree before timing.
-Run: ``.venv/bin/python benchmarks/bench_model.py [--batch 9000] [--repeats 5]``.
+checks that the losses agree before timing. Timings alternate (ours, reference, ours, ...) so that both see
+the same machine state, and the speed-up reported is the median of the per-pair ratios.
+Run: ``.venv/bin/python benchmarks/bench_model.py [--batch 9000] [--pairs 7]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,20 +53,34 @@ def dense_reference_loss(model: IHTransformer, tokens: torch.Tensor) -> torch.Te
     return -probs.gather(1, target[:, None]).log().mean()
 
 
-def time_step(loss_fn, model: IHTransformer, tokens: torch.Tensor, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        model.zero_grad()
-        start = time.perf_counter()
-        loss_fn(tokens).backward()
-        best = min(best, time.perf_counter() - start)
-    return best
+def interleaved_timings(
+    ours: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor], model: torch.nn.Module, pairs: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per forward+backward of each, alternating ours / reference for ``pairs`` pairs (after one warm-up)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for pair in range(pairs + 1):
+        for loss_fn, record in ((ours, times[0]), (reference, times[1])):
+            model.zero_grad()
+            start = time.perf_counter()
+            loss_fn().backward()
+            if pair:
+                record.append(time.perf_counter() - start)
+    return times
+
+
+def report(name: str, ours: list[float], reference: list[float]) -> None:
+    ratios = [r / o for o, r in zip(ours, reference, strict=True)]
+    print(
+        f"{name}: ours {statistics.median(ours) * 1e3:8.1f} ms, reference {statistics.median(reference) * 1e3:8.1f} ms"
+        f" (medians); speed-up {statistics.median(ratios):.1f}x (median of {len(ratios)} interleaved pairs,"
+        f" range {min(ratios):.1f}-{max(ratios):.1f}x)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=9000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=7)
     args = parser.parse_args()
     task = NGramTask(vocab_size=3, parents=(1, 2), seq_len=101, alpha=0.1)
     tokens = task.sample(args.batch, seed=0).tokens
@@ -72,19 +89,14 @@ def main() -> None:
     reference = dense_reference_loss(model, tokens)
     if not torch.allclose(ours, reference, rtol=1e-4):
         raise SystemExit(f"losses differ: ours {ours.item()} reference {reference.item()}")
-
-    def fast(t):
-        return model(t, return_type="loss", loss_positions="last")
-
-    def dense(t):
-        return dense_reference_loss(model, t)
-
-    t_fast = time_step(fast, model, tokens, args.repeats)
-    t_dense = time_step(dense, model, tokens, args.repeats)
     print(f"threads: {torch.get_num_threads()}, batch {args.batch}, loss {ours.item():.5f} (both)")
-    print(f"IHTransformer forward+backward: {t_fast * 1e3:8.1f} ms")
-    print(f"dense reference:                {t_dense * 1e3:8.1f} ms")
-    print(f"speed-up: {t_dense / t_fast:.1f}x")
+    times = interleaved_timings(
+        lambda: model(tokens, return_type="loss", loss_positions="last"),
+        lambda: dense_reference_loss(model, tokens),
+        model,
+        args.pairs,
+    )
+    report("last-position forward+backward", *times)
 
 
 if __name__ == "__main__":

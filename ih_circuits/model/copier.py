@@ -39,6 +39,28 @@ def lag_windows(embed: Float[Tensor, "batch pos d_vocab"], max_lag: int) -> Floa
     return einops.rearrange(windows, "batch pos e lag -> batch pos lag e")
 
 
+def window_codes(tokens: Int[Tensor, "batch pos"], max_lag: int, d_vocab: int) -> Int[Tensor, "batch pos"]:
+    """The code of each position's lag window: sum_m x_{t-m} (d+1)^m over m = 0..max_lag-1, where a token
+    before the start counts as the extra symbol d. Codes run over 0..(d+1)^max_lag - 1."""
+    padded = F.pad(tokens.long(), (max_lag - 1, 0), value=d_vocab)
+    n_pos = tokens.shape[1]
+    codes = torch.zeros_like(padded[:, :n_pos])
+    for m in range(max_lag - 1, -1, -1):  # Horner's rule, x_{t-m} for the oldest lag first
+        codes.mul_(d_vocab + 1).add_(padded[:, max_lag - 1 - m : max_lag - 1 - m + n_pos])
+    return codes
+
+
+def all_windows(
+    max_lag: int, d_vocab: int, dtype: torch.dtype, device: torch.device | str
+) -> Float[Tensor, "code 1 max_lag d_vocab"]:
+    """The lag window of every ``window_codes`` code as embedded tokens (the symbol d embeds as a zero vector),
+    shaped as a batch of one-position windows for ``Copier.window_features``."""
+    codes = torch.arange((d_vocab + 1) ** max_lag, device=device)
+    digits = codes[:, None] // (d_vocab + 1) ** torch.arange(max_lag, device=device) % (d_vocab + 1)
+    embedded = F.one_hot(digits, d_vocab + 1)[..., :d_vocab].to(dtype)
+    return einops.rearrange(embedded, "code lag e -> code 1 lag e")
+
+
 class Copier(nn.Module):
     """Multi-head relative-position attention over lags; ``blocks.0.attn``."""
 
@@ -84,21 +106,28 @@ class Copier(nn.Module):
     def forward(
         self, embed: Float[Tensor, "batch pos d_vocab"], dense: bool
     ) -> Float[Tensor, "batch pos head d_vocab"]:
-        cfg = self.cfg
-        windows = lag_windows(embed, cfg.max_lag)
-        scores = self._lag_scores(windows)
-        if dense:
-            z = self._dense(embed, scores)
-        elif cfg.copier == "positional":
-            # The pattern does not depend on the sequence: one [head, lag] weight table for every position.
-            per_lag = torch.zeros(cfg.n_heads, cfg.max_lag, dtype=scores.dtype, device=embed.device)
-            per_lag = per_lag.scatter_add(1, self.lag_index, torch.softmax(scores[0, 0], dim=-1))
-            z = torch.einsum("btse,hs->bthe", windows, per_lag).contiguous()
-        else:
-            values = torch.einsum("bthme,hef->bthmf", windows[:, :, self.lag_index], self.W_V)
-            z = torch.einsum("bthm,bthme->bthe", torch.softmax(scores, dim=-1), values)
+        windows = lag_windows(embed, self.cfg.max_lag)
+        z = self._dense(embed, self._lag_scores(windows)) if dense else self._mix(windows)
         z = self.hook_z(z)
         return self.hook_result(self._normalize(z))
+
+    def window_features(
+        self, windows: Float[Tensor, "batch pos max_lag d_vocab"]
+    ) -> Float[Tensor, "batch pos head d_vocab"]:
+        """v_h from the lag windows alone (no hooks): every copier's output at a position is a function of the
+        tokens at lags 1..max_lag (a zero vector before the start), which ``window_table`` exploits."""
+        return self._normalize(self._mix(windows))
+
+    def _mix(self, windows: Float[Tensor, "batch pos max_lag d_vocab"]) -> Float[Tensor, "batch pos head d_vocab"]:
+        """The un-normalised sum over lags, without building the [batch, head, query_pos, key_pos] pattern."""
+        scores = self._lag_scores(windows)
+        if self.cfg.copier == "positional":
+            # The pattern does not depend on the sequence: one [head, lag] weight table for every position.
+            per_lag = torch.zeros(self.cfg.n_heads, self.cfg.max_lag, dtype=scores.dtype, device=windows.device)
+            per_lag = per_lag.scatter_add(1, self.lag_index, torch.softmax(scores[0, 0], dim=-1))
+            return torch.einsum("btse,hs->bthe", windows, per_lag).contiguous()
+        values = torch.einsum("bthme,hef->bthmf", windows[:, :, self.lag_index], self.W_V)
+        return torch.einsum("bthm,bthme->bthe", torch.softmax(scores, dim=-1), values)
 
     def _dense(
         self, embed: Float[Tensor, "batch pos d_vocab"], scores: Float[Tensor, "#batch #pos head lag"]

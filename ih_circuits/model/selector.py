@@ -44,6 +44,34 @@ class Selector(nn.Module):
         squared = (self.c / self.c.detach().abs().max().clamp_min(tiny)).square()
         return squared / squared.sum().clamp_min(tiny)
 
+    def coefficients(self) -> Float[Tensor, " subset"]:
+        """c_S / ||c||, whose squares are the shares (computed from c / max|c| like ``shares``)."""
+        tiny = torch.finfo(self.c.dtype).tiny
+        scaled = self.c / self.c.detach().abs().max().clamp_min(tiny)
+        return scaled / scaled.norm().clamp_min(tiny)
+
+    def feature_map(self, features: Float[Tensor, "batch pos head d_vocab"]) -> Float[Tensor, "batch pos feature"]:
+        """phi(i) = concat_S (c_S / ||c||) (Kronecker product of v_h(i), h in S), so that <phi(i), phi(j)> = K(i, j).
+
+        The width is sum_S d^|S| (37 for d = 3, H = 3, D = 2). Refused with ``MemoryBudgetError`` before it is
+        built if the features (and their gradient) would exceed ``memory.memory_limit()``.
+        """
+        batch, n_pos, _, d_vocab = features.shape
+        width = sum(d_vocab ** len(subset) for subset in self.subsets)
+        check_memory(
+            3 * batch * n_pos * width * features.element_size(),
+            f"the selector's feature map of width {width} over {batch} x {n_pos} positions",
+            "the batch size, the sequence length, max_degree or n_heads",
+        )
+        coefficients = self.coefficients()
+        parts = []
+        for index, subset in enumerate(self.subsets):
+            part = coefficients[index].expand(batch, n_pos, 1)
+            for head in subset:
+                part = einops.rearrange(part[..., :, None] * features[..., head, None, :], "b p x e -> b p (x e)")
+            parts.append(part)
+        return torch.cat(parts, dim=-1)
+
     def forward(
         self,
         queries: Float[Tensor, "batch query_pos head d_vocab"],

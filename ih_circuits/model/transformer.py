@@ -11,15 +11,18 @@ that ends in its target is unused, and row T-2 is the paper's query prediction.
                                    └─ blocks.1.attn classifier: softmax_j<t(a K(t, j)) · onehot(x_{j+1})
                                                                                    └─ hook_log_probs
 
-Without hooks the forward takes a fast path: the positional copier is a sum over lag-shifted tokens
-(its pattern is the same for every sequence) and the paper's last-position loss evaluates layer 2 at the
-query row only. With any hook attached (``run_with_hooks``, ``run_with_cache``, patching) every
-activation is built at every position and passed through its hook, so edits are honoured.
+Without hooks the forward takes a fast path: every copier output is a function of the token window at lags
+1..max_lag, so K is tabulated over window codes and layer 2 reads counts of (window code, next token), linear
+in T for the last row and for every row; wider windows or vocabularies use the query row alone, or fused
+attention over the selector's feature map. With a hook attached (``run_with_hooks``, ``run_with_cache``,
+patching) every row is computed and each layer with an attached hook builds its dense activations and passes
+them through its hooks, so edits are honoured.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal, overload
 
@@ -34,16 +37,22 @@ from transformer_lens.hook_points import HookPoint
 
 from ih_circuits.chain import validate_lags
 from ih_circuits.checkpoint import atomic_directory, read_json, verify
+from ih_circuits.memory import memory_limit
 from ih_circuits.model.cache import IHActivationCache
 from ih_circuits.model.classifier import Classifier
 from ih_circuits.model.config import IHConfig
-from ih_circuits.model.copier import Copier, Lookup
+from ih_circuits.model.copier import Copier, Lookup, all_windows, window_codes
 from ih_circuits.model.selector import Selector
 from ih_circuits.task import check_tokens
 
 LogProbs = Float[Tensor, "batch pos d_vocab"]
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CHECKPOINT_KIND = "IHTransformer checkpoint"
+# Window-code tables up to 1024 codes (a [1024, 1024] kernel table): d = 3 with up to 5 lags, d = 5 with 3.
+MAX_WINDOW_CODES = 1024
+# Fused attention over the selector's features up to this width (sum_S d^|S|: 37 at d = 3, H = 3, D = 2;
+# 331 at d = 10); wider features cost more than the per-head similarities they replace.
+MAX_FEATURE_WIDTH = 512
 
 
 class CopierSelectorBlock(nn.Module):
@@ -117,8 +126,11 @@ class IHTransformer(HookedRootModule):
         output, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         return output, IHActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
 
-    def _hooked(self) -> bool:
-        return any(hp._forward_hooks or hp._backward_hooks for hp in self.hook_dict.values())
+    def _hooked(self, prefix: str = "") -> bool:
+        """Whether a hook is attached to any hook point whose name starts with ``prefix``."""
+        return any(
+            hp._forward_hooks or hp._backward_hooks for name, hp in self.hook_dict.items() if name.startswith(prefix)
+        )
 
     @overload
     def forward(
@@ -147,10 +159,10 @@ class IHTransformer(HookedRootModule):
             raise ValueError(f"loss_positions must be 'last' or 'all'; got {loss_positions!r}")
         self.check_tokens(tokens)
         if return_type == "log_probs":
-            return self.log_probs_at(tokens, "all")
+            return self._log_probs(tokens, "all")
         if tokens.shape[1] < 2:
             raise ValueError(f"the loss needs at least 2 positions (context and target); got {tokens.shape[1]}")
-        log_probs = self.log_probs_at(tokens, loss_positions)
+        log_probs = self._log_probs(tokens, loss_positions)
         targets = tokens[:, -1:] if loss_positions == "last" else tokens[:, 1:]
         chosen = log_probs[:, -targets.shape[1] :] if loss_positions == "last" else log_probs[:, :-1]
         return -chosen.gather(-1, targets[..., None].to(chosen.device)).mean()
@@ -160,34 +172,115 @@ class IHTransformer(HookedRootModule):
     ) -> Float[Tensor, "batch query_pos d_vocab"]:
         """Log-probabilities at every row (``"all"``), or only at the query row T-2 (``"last"``, shape [batch, 1, d]).
 
-        ``"last"`` evaluates layer 2 at one row when no hook is attached (the paper's objective needs only
-        the query row); with hooks the whole model runs and the row is sliced out.
+        Without hooks nothing of size [pos, pos] is built: K is tabulated over the lag windows' codes when that
+        table is small (``MAX_WINDOW_CODES``) and layer 2 reads counts of (code, next token), linear in T;
+        otherwise ``"last"`` evaluates the query row alone and ``"all"`` uses fused attention over the
+        selector's features. With hooks every row is computed and the layers whose hooks are attached build
+        their dense activations; ``"last"`` then slices the query row out. All paths agree to float precision.
         """
         if positions not in ("all", "last"):
             raise ValueError(f"positions must be 'all' or 'last'; got {positions!r}")
         self.check_tokens(tokens)
-        device = self.copier.w_pos.device
-        tokens = tokens.to(device)
+        if positions == "last" and tokens.shape[1] < 2:
+            raise ValueError(
+                f"positions='last' needs at least 2 positions (the query row is T-2); got {tokens.shape[1]}"
+            )
+        return self._log_probs(tokens, positions)
+
+    def _log_probs(self, tokens: Int[Tensor, "batch pos"], positions: str) -> Float[Tensor, "batch query_pos d_vocab"]:
+        """``log_probs_at`` on tokens already checked."""
         n_pos = tokens.shape[1]
-        dense = self._hooked()
-        embed = self.hook_embed(F.one_hot(tokens.long(), self.config.d_vocab).to(self.copier.w_pos.dtype))
-        if positions == "last" and not dense:
-            rows = torch.tensor([n_pos - 2], device=device)
-            if self.copier.supports_token_codes:
-                kernel = self._query_kernel_from_codes(tokens.long(), n_pos - 2)
-            else:
-                features = self.copier(embed, dense)
-                kernel = self.selector(features[:, rows], features, dense)
+        tokens = tokens.to(self.copier.w_pos.device).long()
+        if not self._hooked():
+            return self._unhooked_log_probs(tokens, positions)
+        # With hooks: every row, and each layer builds its dense activations when one of its hooks is attached
+        # (so run_with_cache(names_filter=...) stays as light as the names it asks for).
+        embed = self.hook_embed(F.one_hot(tokens, self.config.d_vocab).to(self.copier.w_pos.dtype))
+        features = self.copier(embed, self._hooked("blocks.0.attn"))
+        selector_dense, classifier_dense = self._hooked("blocks.0.mlp"), self._hooked("blocks.1.attn")
+        if selector_dense or classifier_dense:
+            kernel = self.selector(features, features, selector_dense)
+            rows = torch.arange(n_pos, device=tokens.device)
+            log_probs = self.classifier(kernel, embed, rows, classifier_dense)
         else:
-            rows = torch.arange(n_pos, device=device)
-            features = self.copier(embed, dense)
-            kernel = self.selector(features, features, dense)
-        log_probs = self.classifier(kernel, embed, rows, dense)
-        if rows.shape[0] == n_pos:
-            log_probs = self.hook_log_probs(log_probs)
+            log_probs = self._every_row(features, embed)
+        log_probs = self.hook_log_probs(log_probs)
+        return log_probs[:, n_pos - 2 : n_pos - 1] if positions == "last" else log_probs
+
+    def _unhooked_log_probs(
+        self, tokens: Int[Tensor, "batch pos"], positions: str
+    ) -> Float[Tensor, "batch query_pos d_vocab"]:
+        """The fast paths: K tabulated over window codes when the table is small (``window_table_route``), else
+        the query row by token codes or features (``"last"``) or every row by ``_every_row`` (``"all"``)."""
+        n_pos = tokens.shape[1]
+        route = self.window_table_route(tokens.shape[0], n_pos, positions)
+        if route is not None:
+            table, block = route
+            codes = window_codes(tokens, self.config.max_lag, self.config.d_vocab)
             if positions == "last":
-                log_probs = log_probs[:, n_pos - 2 : n_pos - 1]
-        return log_probs
+                return self.classifier.from_window_counts(table, codes, tokens, n_pos - 2)
+            embed = F.one_hot(tokens, self.config.d_vocab).to(table.dtype)
+            return self.classifier.from_window_blocks(table, codes, embed, block)
+        embed = F.one_hot(tokens, self.config.d_vocab).to(self.copier.w_pos.dtype)
+        if positions == "all":
+            return self._every_row(self.copier(embed, False), embed)
+        if self.copier.supports_token_codes:
+            kernel = self._query_kernel_from_codes(tokens, n_pos - 2)
+        else:
+            features = self.copier(embed, False)
+            rows = torch.arange(n_pos - 2, n_pos - 1, device=tokens.device)
+            kernel = self.selector(features[:, rows], features, False)
+        return self.classifier(kernel, embed, torch.arange(n_pos - 2, n_pos - 1, device=tokens.device), False)
+
+    def window_table_route(
+        self, batch: int, n_pos: int, positions: str
+    ) -> tuple[Float[Tensor, "code code"], int] | None:
+        """The kernel table over window codes and the block length for ``Classifier.from_window_blocks``, when
+        that route applies: at most ``MAX_WINDOW_CODES`` codes, its tensors within a quarter of the memory limit,
+        and (every row) a table whose rows spread a K over at most half the exponent range of the dtype, so
+        that every weight exp(a K - max) stays a normal number. ``None`` otherwise.
+
+        Blocks are ceil(sqrt(codes x d)) positions long, which balances the per-block count matrices against
+        the pairs inside a block.
+        """
+        cfg = self.config
+        n_codes = (cfg.d_vocab + 1) ** cfg.max_lag
+        if n_codes > MAX_WINDOW_CODES:
+            return None
+        itemsize = self.copier.w_pos.element_size()
+        block = min(n_pos, math.isqrt(n_codes * cfg.d_vocab - 1) + 1)
+        if positions == "last":
+            needed = 4 * itemsize * batch * n_codes * (cfg.d_vocab + 1)
+        else:
+            needed = 4 * itemsize * batch * (n_pos + block) * (n_codes + 2 * block + cfg.d_vocab)
+        if needed > memory_limit() / 4:
+            return None
+        table = self.window_kernel_table()
+        if positions == "all":
+            spread = (self.classifier.a * (table.amax(-1) - table.amin(-1))).abs().max().detach()
+            if float(spread) > -0.5 * math.log(torch.finfo(table.dtype).tiny):
+                return None
+        return table, block
+
+    def _every_row(
+        self, features: Float[Tensor, "batch pos head d_vocab"], embed: Float[Tensor, "batch pos d_vocab"]
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Every row from per-position copier features: fused attention over the selector's feature map when
+        it is at most ``MAX_FEATURE_WIDTH`` wide, else the kernel K from the per-head similarities (cheaper in
+        arithmetic when sum_S d^|S| is large, but [batch, pos, pos] in memory)."""
+        width = sum(self.config.d_vocab ** len(subset) for subset in self.config.subsets)
+        if width <= MAX_FEATURE_WIDTH:
+            return self.classifier.attend(self.selector.feature_map(features), embed)
+        rows = torch.arange(features.shape[1], device=features.device)
+        return self.classifier(self.selector(features, features, False), embed, rows, False)
+
+    def window_kernel_table(self) -> Float[Tensor, "code code"]:
+        """K[c, c'] for every pair of ``window_codes``: the copier and selector applied to every lag window."""
+        cfg = self.config
+        windows = all_windows(cfg.max_lag, cfg.d_vocab, self.copier.w_pos.dtype, self.copier.w_pos.device)
+        features = self.copier.window_features(windows)[:, 0]
+        similarity = einops.einsum(features, features, "query head e, key head e -> head query key")
+        return self.selector.combine(similarity[None], dense=False)[0]
 
     def _query_kernel_from_codes(self, tokens: Int[Tensor, "batch pos"], row: int) -> Float[Tensor, "batch 1 pos"]:
         """K(row, j) for every key j as a lookup: the selector applied once to the copier's similarity table.

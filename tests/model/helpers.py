@@ -22,3 +22,8 @@ def randomized(model: IHTransformer, seed: int = 0) -> IHTransformer:
 
 def random_tokens(batch: int, pos: int, d: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, d, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def identity_hooks(model: IHTransformer) -> list:
+    """A no-op forward hook on every hook point: the model then builds every dense activation."""
+    return [(name, lambda x, hook: x) for name in model.hook_dict]

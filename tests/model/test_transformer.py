@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ih_circuits import IHConfig, IHTransformer, gih_predictive, ideal_model
-from tests.model.helpers import random_tokens, randomized, tiny_config
+from tests.model.helpers import identity_hooks, random_tokens, randomized, tiny_config
 
 
 @pytest.mark.parametrize("lags", [(1,), (1, 2), (1, 3)], ids=lambda p: f"lags={p}")
@@ -54,10 +54,10 @@ CONFIGS = [
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.copier}-{c.layout}-M{c.window}")
 def test_fast_path_equals_dense_path(cfg):
-    """Without hooks the model takes shortcuts; with a no-op hook it builds everything. Same numbers."""
+    """Without hooks the model takes shortcuts; with a no-op hook everywhere it builds everything. Same numbers."""
     model = randomized(IHTransformer(cfg), seed=4)
     tokens = random_tokens(5, 20, seed=4)
-    noop = [("hook_embed", lambda x, hook: None)]
+    noop = identity_hooks(model)
     for kwargs in ({}, {"return_type": "loss"}, {"return_type": "loss", "loss_positions": "all"}):
         fast = model(tokens, **kwargs)
         dense = model.run_with_hooks(tokens, fwd_hooks=noop, **kwargs)
@@ -220,9 +220,9 @@ def test_fast_and_hooked_gradients_agree_even_for_a_sharp_copier(w_plus):
     cfg = IHConfig(d_vocab=3, n_ctx=41, n_heads=3, window=3, max_degree=2, w_plus=w_plus, w_minus=0.0, dtype="float64")
     tokens = random_tokens(32, 41, seed=4)
     grads = []
-    for hooks in ([], [("hook_embed", lambda x, hook: x)]):
+    for dense in (False, True):
         model = IHTransformer(cfg)
-        with model.hooks(fwd_hooks=hooks):
+        with model.hooks(fwd_hooks=identity_hooks(model) if dense else []):
             model(tokens, return_type="loss").backward()
         grads.append({name: p.grad for name, p in model.named_parameters()})
     for name, fast in grads[0].items():
