@@ -1,14 +1,16 @@
 """Cost and peak memory of forward+backward as the context T and the vocabulary d grow, for the last-position
 and every-position objectives, against a plain dense every-position implementation measured in the same run.
 
-Model: the paper's (H = 3, M = 3, D = 2, positional copier, random parameters), every case in its own forked
-process so that each peak memory is its own (peak RSS of the process minus its RSS before the step).
+Model: the paper's (H = 3, M = 3, D = 2, positional copier, random parameters). Every case runs in its own
+forked process, so that each peak memory is its own (peak RSS of the process minus its RSS before the step),
+and the parent never computes with torch (a fork after OpenMP threads have run can hang the child).
 Prints, per case, the median of three timed steps (after one warm-up), the peak memory, the fitted exponent
 of time in T, and the two targets of the scale work: every-position forward+backward at T = 100, batch 1000
 against the dense implementation (median of interleaved pairs), the peak at T = 1000, batch 64, and the
-peak of short CWa training runs at d = 20 and at T = 1000 (theory, Bayes baseline and evaluation included).
-Run: ``.venv/bin/python benchmarks/bench_scale.py [--quick]`` (about 3 minutes; ``--quick`` skips T = 2000
-and d = 50).
+peak of short CWa training runs at d = 20 and at T = 1000 (theory, Bayes baseline and evaluation included),
+and the selection theory at d = 20 / window 5 and d = 50 / window 3.
+Run: ``.venv/bin/python benchmarks/bench_scale.py [--quick] [--sections scans,targets,training,theory]``
+(``make bench-scale``; about 5 minutes; ``--quick`` skips T = 2000 and d = 50).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from bench_model import interleaved_timings, report
 
 from ih_circuits import IHConfig, IHTransformer, NGramTask, train_preset
+from ih_circuits.theory import selection_scores
 
 
 def plain_dense_loss(model: IHTransformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -102,12 +105,36 @@ def measure(kind: str, d_vocab: int, n_pos: int, batch: int, queue: multiprocess
     queue.put((statistics.median(times), peak))
 
 
+def measure_pairs(d_vocab: int, n_pos: int, batch: int, queue: multiprocessing.Queue) -> None:
+    """In a forked child: every-position forward+backward against the dense implementation, interleaved."""
+    model, tokens = setup(d_vocab, n_pos, batch)
+    ours = model(tokens, return_type="loss", loss_positions="all")
+    reference = plain_dense_loss(model, tokens)
+    if not torch.allclose(ours, reference, rtol=1e-4):
+        raise SystemExit(f"losses differ: ours {ours.item()} dense {reference.item()}")
+    times = interleaved_timings(step_function("all", model, tokens), step_function("dense", model, tokens), model, 5)
+    report(f"every-position forward+backward, T = {n_pos - 1}, batch {batch}", *times)
+    queue.put((statistics.median(times[0]), math.nan))
+
+
 def measure_training(vocab_size: int, seq_len: int, steps: int, queue: multiprocessing.Queue) -> None:
     """In a forked child: a short CWa run (theory prediction, Bayes baseline, evaluation included)."""
     before = rss_bytes()
     start = time.perf_counter()
     train_preset("cwa", vocab_size=vocab_size, seq_len=seq_len, steps=steps, record_every=steps, quiet=True)
     queue.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+
+
+def measure_theory(vocab_size: int, window: int, queue: multiprocessing.Queue) -> None:
+    """In a forked child: the selection theory with its defaults (Monte Carlo at these sizes)."""
+    before = rss_bytes()
+    start = time.perf_counter()
+    scores = selection_scores(vocab_size, (1, 2), 0.1, window=window)
+    seconds = time.perf_counter() - start
+    top = sorted(scores.modified, key=scores.modified.get, reverse=True)[:3]
+    summary = ", ".join(f"{s}: {scores.modified[s]:.4g} +- {scores.modified_stderr[s]:.1g}" for s in top)
+    print(f"  {scores.method}, {scores.n_kernels} kernels x {scores.n_samples} windows; top: {summary}")
+    queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
 
 
 def in_child(target: Callable[..., None], *args: int | str) -> tuple[float, float]:
@@ -149,31 +176,37 @@ def scan(label: str, cases: list[tuple[int, int, int]], size_of: Callable[[tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip T = 2000 and d = 50")
-    args = parser.parse_args()
-    print(f"threads: {torch.get_num_threads()}")
-    lengths = [100, 400, 1000] + ([] if args.quick else [2000])
-    scan("T grows (d = 3, batch 8)", [(3, n_pos, 8) for n_pos in lengths], lambda case: case[1])
-    vocabularies = [3, 10, 20] + ([] if args.quick else [50])
-    scan("d grows (T = 100, batch 64)", [(d, 100, 64) for d in vocabularies], lambda case: case[0])
-
-    print("\ntargets")
-    model, tokens = setup(3, 101, 1000)
-    ours = model(tokens, return_type="loss", loss_positions="all")
-    reference = plain_dense_loss(model, tokens)
-    if not torch.allclose(ours, reference, rtol=1e-4):
-        raise SystemExit(f"losses differ: ours {ours.item()} dense {reference.item()}")
-    times = interleaved_timings(
-        lambda: model(tokens, return_type="loss", loss_positions="all"),
-        lambda: plain_dense_loss(model, tokens),
-        model,
-        pairs=5,
+    parser.add_argument(
+        "--sections", default="scans,targets,training,theory", help="comma-separated subset of the default"
     )
-    report("every-position forward+backward, T = 100, batch 1000", *times)
-    seconds, peak = in_child(measure, "all", 3, 1000, 64)
-    print(f"every-position forward+backward, T = 1000, batch 64: {seconds * 1e3:.0f} ms, peak {peak / 2**20:.0f} MB")
-    for vocab_size, seq_len, steps in ((20, 101, 5), (3, 1001, 5)):
-        seconds, peak = in_child(measure_training, vocab_size, seq_len, steps)
-        print(f"CWa, {steps} steps at d = {vocab_size}, seq_len {seq_len}: {seconds:.0f} s, peak {peak / 2**20:.0f} MB")
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    print(f"threads: {torch.get_num_threads()}")
+    if "scans" in sections:
+        lengths = [100, 400, 1000] + ([] if args.quick else [2000])
+        scan("T grows (d = 3, batch 32)", [(3, n_pos, 32) for n_pos in lengths], lambda case: case[1])
+        vocabularies = [3, 10, 20] + ([] if args.quick else [50])
+        scan("d grows (T = 100, batch 64)", [(d, 100, 64) for d in vocabularies], lambda case: case[0])
+    if "targets" in sections:
+        print("\ntargets")
+        in_child(measure_pairs, 3, 101, 1000)
+        seconds, peak = in_child(measure, "all", 3, 1000, 64)
+        print(
+            f"every-position forward+backward, T = 1000, batch 64: {seconds * 1e3:.0f} ms, peak {peak / 2**20:.0f} MB"
+        )
+    if "training" in sections:
+        print("\ntraining")
+        for vocab_size, seq_len, steps in ((20, 101, 5), (3, 1001, 5)):
+            seconds, peak = in_child(measure_training, vocab_size, seq_len, steps)
+            print(
+                f"CWa, {steps} steps at d = {vocab_size}, seq_len {seq_len}: {seconds:.0f} s,"
+                f" peak {peak / 2**20:.0f} MB"
+            )
+    if "theory" in sections:
+        print("\ntheory (parents (1, 2), alpha 0.1, defaults)")
+        for vocab_size, window in ((20, 5), (50, 3)):
+            seconds, peak = in_child(measure_theory, vocab_size, window)
+            print(f"d = {vocab_size}, window {window}: {seconds:.1f} s, peak {peak / 2**20:.0f} MB")
 
 
 if __name__ == "__main__":

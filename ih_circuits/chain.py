@@ -164,3 +164,42 @@ def stationary_window_law(
     if length < current:
         law = einops.reduce(law, "batch (old keep) -> batch keep", "sum", keep=d_vocab**length)
     return law
+
+
+def burned_in_law(
+    kernels: Float[Tensor, "batch history d_vocab"],
+    parents: Sequence[int],
+    d_vocab: int,
+    tolerance: float,
+    max_steps: int,
+) -> Float[Tensor, "batch state"]:
+    """Law of the last r = max(parents) tokens after a burn-in from the uniform law, by power iteration.
+
+    mu_{n+1}(w[1:], e) = sum_{w[0]} mu_n(w) pi(e | z(w)): each step costs O(d^(r+1)) per kernel, against
+    O(d^(3r)) for the exact solve of ``stationary_window_law``. A kernel stops once its step changes the law by
+    less than ``tolerance`` in L1 (so others in the batch do not hold it back), or after ``max_steps``. The law
+    then differs from the stationary one by about tolerance x mixing time; a chain that mixes slower than
+    ``max_steps`` (near-reducible kernels, e.g. alpha <= 0.01) keeps its ``max_steps``-step law.
+
+    Returns:
+        ``[batch, d^r]`` probabilities over runs of r tokens, coded as in ``stationary_window_law``.
+    """
+    parents = validate_lags(parents)
+    order = max(parents, default=0)
+    law = torch.full((kernels.shape[0], d_vocab**order), d_vocab**-order, dtype=torch.float64, device=kernels.device)
+    if order == 0:
+        return law
+    rows = kernels.double()[:, _window_history_codes(order, parents, d_vocab, kernels.device), :]
+    active, current = torch.arange(kernels.shape[0], device=kernels.device), law
+    for _ in range(max_steps):
+        stepped = einops.reduce(current[:, :, None] * rows, "batch (old rest) e -> batch (rest e)", "sum", old=d_vocab)
+        moving = (stepped - current).abs().sum(-1) >= tolerance
+        if moving.all():
+            current = stepped
+            continue
+        law[active[~moving]] = stepped[~moving]
+        active, current, rows = active[moving], stepped[moving], rows[moving]
+        if active.numel() == 0:
+            break
+    law[active] = current
+    return law

@@ -34,14 +34,17 @@ def _theory(args: argparse.Namespace) -> None:
         n_kernels=args.n_kernels,
         seed=args.seed,
         window=args.window,
+        method=args.method,
+        n_samples=args.n_samples,
     )
+    how = "exact enumeration" if scores.method == "exact" else f"Monte Carlo, {scores.n_samples} windows per kernel"
     print(
         f"modified chi-square MI, d={args.vocab_size}, parents={args.parents}, alpha={args.alpha}, "
-        f"{scores.n_kernels} kernels"
+        f"{scores.n_kernels} kernels, {how}"
     )
-    print(f"{'subset':<14}{'I~(S)':>10}{'stderr':>10}{'chi2 MI':>10}")
+    print(f"{'subset':<14}{'I~(S)':>11}{'stderr':>11}{'chi2 MI':>11}")
     for subset, value in sorted(scores.modified.items(), key=lambda kv: -kv[1]):
-        print(f"{str(subset):<14}{value:>10.4f}{scores.modified_stderr[subset]:>10.4f}{scores.chi2[subset]:>10.4f}")
+        print(f"{str(subset):<14}{value:>11.4g}{scores.modified_stderr[subset]:>11.2g}{scores.chi2[subset]:>11.4g}")
     print(f"predicted parent set (|S| <= {args.max_degree}): {scores.best(args.max_degree)}")
 
 
@@ -148,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     theory.add_argument("--alpha", type=float, default=0.1)
     theory.add_argument("--window", type=int, default=None)
     theory.add_argument("--max-degree", type=int, default=2)
-    theory.add_argument("--n-kernels", type=int, default=2000)
+    theory.add_argument(
+        "--n-kernels", type=int, default=None, help="kernels drawn (default 2000 exact, 500 Monte Carlo)"
+    )
+    theory.add_argument("--method", choices=("auto", "exact", "monte_carlo"), default="auto")
+    theory.add_argument("--n-samples", type=int, default=None, help="Monte Carlo windows per kernel (default 20000)")
     theory.add_argument("--seed", type=int, default=0)
     theory.set_defaults(run=_theory)
     train = commands.add_parser("train", help="train a preset and save the run")

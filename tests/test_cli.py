@@ -17,6 +17,14 @@ def test_theory_prints_the_predicted_set(capsys):
     assert "predicted parent set (|S| <= 2): (1, 3)" in out
 
 
+def test_theory_samples_when_asked(capsys):
+    args = ["theory", "--parents", "1,3", "--window", "3", "--n-kernels", "100", "--method", "monte_carlo"]
+    assert main([*args, "--n-samples", "4000"]) == 0
+    out = capsys.readouterr().out
+    assert "100 kernels, Monte Carlo, 4000 windows per kernel" in out
+    assert "predicted parent set (|S| <= 2): (1, 3)" in out
+
+
 def test_bad_argument_is_one_line_and_exit_2(capsys):
     assert main(["theory", "--vocab-size", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
