@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Extra requirement installed with the package: `make test-tl3` sets it to the newest TransformerLens 3.x.
 TL_SPEC ?=
 
-.PHONY: venv install install-dev demo test test-slow test-tl3 test-all lint bench battery browser clean
+.PHONY: venv install install-dev demo test test-slow test-tl3 test-all lint bench bench-scale battery browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench: install
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_probes.py
+	$(PY) benchmarks/bench_scale.py
+
+# Cost and peak memory as T and d grow, the every-position targets, training and theory at scale (about 6 min).
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py
 
 # Bad inputs, extreme values, damaged files and kills, each in a forked child; prints the totals (about 5 min).
 battery: install

@@ -15,10 +15,10 @@ routes that never build the [batch, query_pos, key_pos] scores (``IHTransformer`
 - ``attend``: K(t, j) = <phi(t), phi(j)> for the selector's feature map phi, so the head is causal softmax
   attention with queries a phi, keys phi and values the next tokens' one-hots, computed by the fused
   ``scaled_dot_product_attention`` kernel with a strict-past mask.
-- ``from_window_counts`` (one query row) and ``from_window_blocks`` (every row): K(t, j) depends only on the
-  lag windows' codes c_t, c_j, so keys with the same (code, next token) have the same score:
-  p(e | t) = sum_c exp(a K[c_t, c]) N_t(c, e) / sum_c exp(a K[c_t, c]) N_t(c), with N_t(c, e) the number of
-  keys j < t with code c followed by token e. Linear in T.
+- ``from_window_row`` (one query row) and ``from_window_blocks`` (every row): K(t, j) depends only on the
+  lag windows' codes c_t, c_j, so it is read from a [code, code] table. For every row, keys with the same
+  (code, next token) share a score: p(e | t) = sum_c exp(a K[c_t, c]) N_t(c, e) / sum_c exp(a K[c_t, c]) N_t(c),
+  with N_t(c, e) the number of keys j < t with code c followed by token e. Linear in T.
 """
 
 from __future__ import annotations
@@ -63,31 +63,26 @@ class Classifier(nn.Module):
         )[:, 0, :, :d_vocab]
         return self._floored_log(torch.where(positions[None, :, None] == 0, 1.0 / d_vocab, z))
 
-    def from_window_counts(
+    def from_window_row(
         self,
         kernel_table: Float[Tensor, "code code"],
         codes: Int[Tensor, "batch pos"],
         tokens: Int[Tensor, "batch pos"],
         row: int,
     ) -> Float[Tensor, "batch 1 d_vocab"]:
-        """Log-probabilities at one query row from K tabulated over window codes and the keys' counts.
+        """Log-probabilities at one query row, reading a K[c_row, c_j] for each key j < row from the table.
 
-        p(e) = sum_c exp(s_c) N(c, e) / sum_c exp(s_c) N(c) with s_c = a K[c_row, c] shifted by the largest
-        s_c among the codes present, so any a gives finite, exact weights.
+        p(e) = sum_{j<row} exp(s_j) [x_{j+1} = e] / sum_{j<row} exp(s_j) with s_j = a K[c_row, c_j] shifted by
+        its largest value, so any a gives finite, exact weights. Cost O(batch x row).
         """
         d_vocab, batch, n_codes = self.cfg.d_vocab, codes.shape[0], kernel_table.shape[0]
         if row < 1:
             uniform = torch.full((batch, 1, d_vocab), 1.0 / d_vocab, dtype=kernel_table.dtype, device=codes.device)
             return self._floored_log(uniform)
-        keys = codes[:, :row] * d_vocab + tokens[:, 1 : row + 1]  # key j: its code and the token j+1 it offers
-        offsets = torch.arange(batch, device=codes.device)[:, None] * (n_codes * d_vocab)
-        counts = torch.bincount((keys + offsets).flatten(), minlength=batch * n_codes * d_vocab)
-        counts = einops.rearrange(counts.to(kernel_table.dtype), "(b c e) -> b c e", b=batch, e=d_vocab)
-        present = counts.sum(-1) > 0
-        scores = self.a * F.embedding(codes[:, row], kernel_table)  # [batch, code]
-        shift = scores.detach().masked_fill(~present, float("-inf")).amax(-1, keepdim=True)
-        weights = torch.where(present, scores - shift, float("-inf")).exp()
-        numerator = torch.einsum("bc,bce->be", weights, counts)
+        pair_codes = codes[:, row, None] * n_codes + codes[:, :row]
+        scores = self.a * Lookup.apply(kernel_table.reshape(-1, 1), pair_codes)[..., 0]
+        weights = (scores - scores.detach().amax(-1, keepdim=True)).exp()
+        numerator = weights.new_zeros(batch, d_vocab).scatter_add(1, tokens[:, 1 : row + 1], weights)
         return self._floored_log(numerator / numerator.sum(-1, keepdim=True))[:, None]
 
     def from_window_blocks(

@@ -12,11 +12,11 @@ that ends in its target is unused, and row T-2 is the paper's query prediction.
                                                                                    └─ hook_log_probs
 
 Without hooks the forward takes a fast path: every copier output is a function of the token window at lags
-1..max_lag, so K is tabulated over window codes and layer 2 reads counts of (window code, next token), linear
-in T for the last row and for every row; wider windows or vocabularies use the query row alone, or fused
-attention over the selector's feature map. With a hook attached (``run_with_hooks``, ``run_with_cache``,
-patching) every row is computed and each layer with an attached hook builds its dense activations and passes
-them through its hooks, so edits are honoured.
+1..max_lag, so K is tabulated over window codes: layer 2 reads the query row's scores from the table, and every
+row from counts of (window code, next token) in blocks, both linear in T; wider windows or vocabularies use the
+query row alone, or fused attention over the selector's feature map. With a hook attached (``run_with_hooks``,
+``run_with_cache``, patching) every row is computed and each layer with an attached hook builds its dense
+activations and passes them through its hooks, so edits are honoured.
 """
 
 from __future__ import annotations
@@ -174,10 +174,11 @@ class IHTransformer(HookedRootModule):
         """Log-probabilities at every row (``"all"``), or only at the query row T-2 (``"last"``, shape [batch, 1, d]).
 
         Without hooks nothing of size [pos, pos] is built: K is tabulated over the lag windows' codes when that
-        table is small (``MAX_WINDOW_CODES``) and layer 2 reads counts of (code, next token), linear in T;
-        otherwise ``"last"`` evaluates the query row alone and ``"all"`` uses fused attention over the
-        selector's features. With hooks every row is computed and the layers whose hooks are attached build
-        their dense activations; ``"last"`` then slices the query row out. All paths agree to float precision.
+        table is small (``MAX_WINDOW_CODES``) and layer 2 reads the table (the query row) or counts of (code,
+        next token) in blocks (every row), linear in T; otherwise ``"last"`` evaluates the query row alone and
+        ``"all"`` uses fused attention over the selector's features or the per-head similarities. With hooks
+        every row is computed and the layers whose hooks are attached build their dense activations; ``"last"``
+        then slices the query row out. All paths agree to float precision.
         """
         if positions not in ("all", "last"):
             raise ValueError(f"positions must be 'all' or 'last'; got {positions!r}")
@@ -219,7 +220,7 @@ class IHTransformer(HookedRootModule):
             table, block = route
             codes = window_codes(tokens, self.config.max_lag, self.config.d_vocab)
             if positions == "last":
-                return self.classifier.from_window_counts(table, codes, tokens, n_pos - 2)
+                return self.classifier.from_window_row(table, codes, tokens, n_pos - 2)
             embed = F.one_hot(tokens, self.config.d_vocab).to(table.dtype)
             return self.classifier.from_window_blocks(table, codes, embed, block)
         embed = F.one_hot(tokens, self.config.d_vocab).to(self.copier.w_pos.dtype)
@@ -251,7 +252,7 @@ class IHTransformer(HookedRootModule):
         itemsize = self.copier.w_pos.element_size()
         block = min(n_pos, math.isqrt(n_codes * cfg.d_vocab - 1) + 1)
         if positions == "last":
-            needed = 4 * itemsize * batch * n_codes * (cfg.d_vocab + 1)
+            needed = 8 * itemsize * batch * n_pos + itemsize * n_codes * n_codes
         else:
             needed = 4 * itemsize * batch * (n_pos + block) * (n_codes + 2 * block + cfg.d_vocab)
         if needed > memory_limit() / 4:
