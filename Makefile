@@ -63,7 +63,7 @@ bench: install
 	$(PY) benchmarks/bench_probes.py
 	$(PY) benchmarks/bench_scale.py
 
-# Cost and peak memory as T and d grow, the every-position targets, training and theory at scale (about 6 min).
+# Cost and peak memory as T and d grow, the every-position targets, training and theory at scale (about 2 min on a quiet machine, 6 under load).
 bench-scale: install
 	$(PY) benchmarks/bench_scale.py
 
