@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Extra requirement installed with the package: `make test-tl3` sets it to the newest TransformerLens 3.x.
 TL_SPEC ?=
 
-.PHONY: venv install install-dev demo test test-slow test-tl3 test-all lint bench bench-scale battery browser clean
+.PHONY: venv install install-dev demo test test-slow test-tl3 test-all lint bench bench-scale bench-sweep battery browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e ".[dev]" $(if $(TL_SPEC),'$(TL_SPEC)')
+	$(PIP) install -q -e ".[dev,ray]" $(if $(TL_SPEC),'$(TL_SPEC)')
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -62,6 +62,11 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_probes.py
 	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_sweep.py
+
+# The example sweep (examples/sweep.toml, 24 runs) with 1 and 2 local workers and on a local Ray instance (about 2 min).
+bench-sweep: install-dev
+	$(PY) benchmarks/bench_sweep.py --ray
 
 # Cost and peak memory as T and d grow, the every-position targets, training and theory at scale (about 2 min on a quiet machine, 6 under load).
 bench-scale: install

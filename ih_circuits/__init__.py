@@ -1,11 +1,12 @@
 """ih_circuits: generalized induction heads (Chen, Sheen, Wang, Yang, NeurIPS 2024) as a TransformerLens tool.
 
 Data and Bayes baselines (``NGramTask``, ``RepeatedTokens``, ``bayes_predictive``, ``gih_predictive``), the
-selection theory (``ih_circuits.theory``), the paper's two-layer model as a TransformerLens
+selection theory (``ih_circuits.theory``) and sweeps that compare it with training over a grid
+(``ih_circuits.sweep``), the paper's two-layer model as a TransformerLens
 ``HookedRootModule``, training, probes for any TransformerLens model and views. See README.md for the tour.
 """
 
-from ih_circuits import baselines, probes, sources, theory
+from ih_circuits import baselines, probes, sources, sweep, theory
 from ih_circuits.memory import MemoryBudgetError, memory_limit, set_memory_limit
 from ih_circuits.model import IHActivationCache, IHConfig, IHTransformer, get_act_patch_stage_out, ideal_model
 from ih_circuits.predictors import (
@@ -66,6 +67,7 @@ __all__ = [
     "report",
     "set_memory_limit",
     "sources",
+    "sweep",
     "theory",
     "train",
     "train_preset",

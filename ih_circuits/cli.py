@@ -1,4 +1,4 @@
-"""The ``ih-circuits`` command line: ``train``, ``probe``, ``report``, ``theory`` and ``demo``.
+"""The ``ih-circuits`` command line: ``train``, ``probe``, ``report``, ``theory``, ``sweep`` and ``demo``.
 
 Every command prints plain text. Exit status: 0 done; 1 interrupted (Ctrl-C; an interrupted ``train`` saves the
 run so far, and ``train --resume DIR`` continues it); 2 failed, with one line on stderr and no traceback (a bad
@@ -105,10 +105,39 @@ def _probe(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     from ih_circuits.checkpoint import check_output_file
+    from ih_circuits.sweep.store import is_sweep_directory
+
+    if is_sweep_directory(args.checkpoint):
+        from ih_circuits.sweep import sweep_report
+
+        print(f"wrote {sweep_report(args.checkpoint, args.output)}")
+        return
     from ih_circuits.reporting import report
 
-    check_output_file(args.output)
-    print(f"wrote {report(args.checkpoint, args.output, seed=args.seed)}")
+    output = args.output or "report.html"
+    check_output_file(output)
+    print(f"wrote {report(args.checkpoint, output, seed=args.seed)}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from ih_circuits.sweep import agreement_rate, run_sweep
+
+    results = run_sweep(
+        args.spec,
+        args.out,
+        backend=args.backend,
+        workers=args.workers,
+        address=args.address,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    failed = int((results["status"] != "ok").sum())
+    print(
+        f"{len(results)} runs in {args.out}/results.csv: {len(results) - failed} finished, {failed} failed; "
+        f"selected = predicted in {agreement_rate(results):.0%} of the finished runs"
+    )
+    if failed:
+        print(f"failed runs are run again by the same command; see the error column of {args.out}/results.csv")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -176,11 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--n-sequences", type=int, default=512)
     probe.add_argument("--seed", type=int, default=0)
     probe.set_defaults(run=_probe)
-    rep = commands.add_parser("report", help="write the self-contained HTML report of a saved run")
-    rep.add_argument("checkpoint")
-    rep.add_argument("-o", "--output", default="report.html")
+    rep = commands.add_parser("report", help="write the self-contained HTML report of a saved run or a sweep")
+    rep.add_argument("checkpoint", help="a saved run, or a sweep directory (written by sweep)")
+    rep.add_argument("-o", "--output", default=None, help="default report.html; DIR/report.html for a sweep")
     rep.add_argument("--seed", type=int, default=0)
     rep.set_defaults(run=_report)
+    sweep = commands.add_parser("sweep", help="train and probe every run of a grid spec (TOML), theory vs practice")
+    sweep.add_argument("spec", help="a TOML spec: preset, seeds, steps, [grid], [fixed], [probe]")
+    sweep.add_argument("--out", required=True, help="the sweep directory (re-running skips finished runs)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local")
+    sweep.add_argument("--workers", type=int, default=None, help="parallel runs (default: the cores available)")
+    sweep.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001)")
+    sweep.add_argument("--overwrite", action="store_true", help="replace a sweep already in --out")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(run=_sweep)
     demo = commands.add_parser("demo", help="train the CWa preset, probe it, write the report")
     demo.add_argument("--out", default="out/demo", help="directory for the run and report.html (rewritten each time)")
     demo.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ih_circuits.checkpoint import atomic_write_text, check_output_file
 from ih_circuits.model import IHTransformer
@@ -29,11 +30,15 @@ from ih_circuits.views import (
     render_calls,
 )
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 24px auto; color: #222; }
 table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
 .verdict-true { color: #186a3b; font-weight: bold; } .verdict-false { color: #a93226; font-weight: bold; }
 img { max-width: 100%; } h2 { border-bottom: 1px solid #ddd; }
+pre { background: #f6f6f6; padding: 8px; overflow-x: auto; } .note { color: #555; }
 """
 
 
@@ -56,6 +61,21 @@ def load_run(run_or_checkpoint: TrainingRun | str | Path, task: NGramTask | None
 def _table(rows: dict[str, object]) -> str:
     cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
     return f"<table>{cells}</table>"
+
+
+def figures_html(figures: list[tuple[str, Figure]]) -> str:
+    """Each (title, figure) as a heading over an inline PNG."""
+    return "".join(
+        f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='{figure_data_uri(f)}'>" for t, f in figures
+    )
+
+
+def html_page(title: str, body: str) -> str:
+    """A standalone page in the reports' style: UTF-8, inline CSS, nothing loaded from elsewhere."""
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>{body}</body></html>"
+    )
 
 
 def report(
@@ -100,9 +120,6 @@ def report(
         ("Parent probes", plot_parent_effects(parents)),
         ("Decomposition test", plot_decomposition(decomposition)),
     ]
-    images = "".join(
-        f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='{figure_data_uri(f)}'>" for t, f in figures
-    )
     sequence = task.sample(1, seed=derive_seed(seed, "report")).tokens
     views = []
     for layer in (0, 1):
@@ -121,15 +138,11 @@ def report(
 <script>{circuitsvis_bundle()}</script>
 {view_html}
 <h2>Figures</h2>
-{images}
+{figures_html(figures)}
 <h2>Configuration</h2>
 <h3>Task</h3>{_table(task.to_dict())}
 <h3>Model</h3>{_table(model.config.to_dict())}
 <h3>Training</h3><pre>{html.escape(json.dumps(run.config.to_dict(), indent=1))}</pre>
 <p>Steps taken: {run.step}{" (interrupted)" if run.interrupted else ""}</p>
 """
-    return atomic_write_text(
-        path,
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ih_circuits report</title>"
-        f"<style>{_STYLE}</style></head><body>{body}</body></html>",
-    )
+    return atomic_write_text(path, html_page("ih_circuits report", body))

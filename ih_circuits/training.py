@@ -42,7 +42,7 @@ from ih_circuits.memory import items_per_chunk
 from ih_circuits.model import IHConfig, IHTransformer
 from ih_circuits.predictors import last_position_nll, next_token_nll
 from ih_circuits.task import NGramTask
-from ih_circuits.theory import predicted_parent_set
+from ih_circuits.theory import SelectionScores, selection_scores
 
 RUN_KIND = "TrainingRun"
 
@@ -611,6 +611,22 @@ def _interrupt_between_steps() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+PREDICTION_KERNELS = 1000
+
+
+def prediction_scores(model_config: IHConfig, task: NGramTask, seed: int) -> SelectionScores:
+    """The theory's scores behind a run's ``predicted_lags``: I~ over the model's lag window (at least the task's
+    order), ``PREDICTION_KERNELS`` kernels from the task's prior, seeded by the run seed."""
+    return selection_scores(
+        task.vocab_size,
+        task.parents,
+        task.alpha,
+        n_kernels=PREDICTION_KERNELS,
+        seed=derive_seed(seed, "theory") % 2**31,
+        window=max(model_config.max_lag, task.order),
+    )
+
+
 def train(
     model: nn.Module,
     task: NGramTask,
@@ -639,15 +655,7 @@ def train(
             raise ValueError(f"model d_vocab={cfg.d_vocab} but task vocab_size={task.vocab_size}")
         if task.seq_len > cfg.n_ctx:
             raise ValueError(f"task seq_len={task.seq_len} exceeds the model's n_ctx={cfg.n_ctx}")
-        predicted = predicted_parent_set(
-            vocab_size=task.vocab_size,
-            parents=task.parents,
-            alpha=task.alpha,
-            window=max(cfg.max_lag, task.order),
-            max_degree=cfg.max_degree,
-            n_kernels=1000,
-            seed=derive_seed(config.seed, "theory") % 2**31,
-        )
+        predicted = prediction_scores(cfg, task, config.seed).best(cfg.max_degree)
     for stage in config.stages:
         parameter_groups(model, stage.groups)
     run = TrainingRun(model=model, task=task, config=config, predicted_lags=predicted)
@@ -708,6 +716,8 @@ _TASK_KEYS = {"vocab_size", "parents", "seq_len", "alpha", "init"}
 _MODEL_KEYS = {f for f in IHConfig.__dataclass_fields__} - {"d_vocab", "n_ctx", "device"}
 _TRAIN_KEYS = {"batch_size", "objective", "loss", "data", "dataset_size", "eval_size", "record_every", "device"}
 _STAGE_KEYS = {"lr", "optimizer", "steps"}
+OVERRIDE_KEYS = frozenset(_TASK_KEYS | _MODEL_KEYS | _TRAIN_KEYS | _STAGE_KEYS)
+"""Every keyword ``preset_parts`` (and ``train_preset``) accepts as an override."""
 
 
 def _split_steps(stages: list[Stage], total: int) -> list[int]:
@@ -733,10 +743,9 @@ def preset_parts(name: str, *, seed: int = 0, **overrides: Any) -> tuple[IHTrans
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    known = _TASK_KEYS | _MODEL_KEYS | _TRAIN_KEYS | _STAGE_KEYS
-    unknown = set(overrides) - known
+    unknown = set(overrides) - OVERRIDE_KEYS
     if unknown:
-        raise ValueError(f"unknown overrides {sorted(unknown)} for preset {name!r}; allowed: {sorted(known)}")
+        raise ValueError(f"unknown overrides {sorted(unknown)} for preset {name!r}; allowed: {sorted(OVERRIDE_KEYS)}")
     preset = PRESETS[name]
     task_values = {"vocab_size": 3, "parents": (1, 2), "seq_len": 101, "alpha": 0.1}
     task_values.update({k: v for k, v in overrides.items() if k in _TASK_KEYS})

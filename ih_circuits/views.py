@@ -163,13 +163,16 @@ def figure_data_uri(figure: Figure, format: str = "png") -> str:
     return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
-def _figure(width: float = 6.0, height: float = 3.2, ncols: int = 1):
-    """A new figure that is closed at once: returned to the caller, never left open in pyplot's state."""
+def _figure(width: float = 6.0, height: float = 3.2, ncols: int = 1, nrows: int = 1, layout: str | None = None):
+    """A new figure that is closed at once: returned to the caller, never left open in pyplot's state.
+
+    Its axes come as one flat array, row by row; ``layout`` is matplotlib's (``"constrained"`` keeps labels apart).
+    """
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    figure, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, layout=layout)
     plt.close(figure)
-    return figure, axes[0]
+    return figure, axes.flatten()
 
 
 def _share_columns(history: pd.DataFrame) -> list[str]:

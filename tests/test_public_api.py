@@ -11,8 +11,8 @@ def test_all_names_resolve():
         assert getattr(ih_circuits, name) is not None, name
 
 
-def test_import_does_not_load_plotting_libraries():
-    code = "import sys, ih_circuits; print(any(m in sys.modules for m in ('matplotlib', 'circuitsvis')))"
+def test_import_does_not_load_plotting_libraries_or_ray():
+    code = "import sys, ih_circuits; print(any(m in sys.modules for m in ('matplotlib', 'circuitsvis', 'ray')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

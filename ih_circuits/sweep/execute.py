@@ -1,0 +1,105 @@
+"""One run of a sweep, as a worker process executes it: train, probe, compare with the theory.
+
+``execute_run`` never raises for a failure of the run itself: it returns a record with ``status="failed"``
+and the error, so one bad configuration does not stop the sweep. The checkpoint comes back as bytes, so the
+driver alone writes the sweep directory, and a Ray cluster needs no shared file system.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ih_circuits.probes import decomposition_test
+from ih_circuits.sweep.spec import RunSpec, format_value
+from ih_circuits.training import TrainingRun, prediction_scores, preset_parts, train
+
+RUN_DIRECTORY = "run"
+
+
+@dataclass
+class RunOutcome:
+    """A run's result record and its saved ``TrainingRun`` as {path relative to the run directory: bytes}."""
+
+    record: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def base_record(run: RunSpec) -> dict[str, Any]:
+    """The columns that describe a run, before it runs: id, preset, seed, grid cell, the task and steps."""
+    _, task, config = preset_parts(run.preset, seed=run.seed, **run.overrides())
+    record: dict[str, Any] = {"run_id": run.run_id, "preset": run.preset, "seed": run.seed}
+    record.update({name: format_value(v) if isinstance(v, tuple) else v for name, v in run.cell})
+    record.update(
+        {
+            "vocab_size": task.vocab_size,
+            "parents": format_value(task.parents),
+            "alpha": task.alpha,
+            "steps": config.total_steps,
+        }
+    )
+    return record
+
+
+def failure(run: RunSpec, error: str, wall_time_s: float = float("nan")) -> RunOutcome:
+    """The record of a run that did not finish, with the error in one line."""
+    return RunOutcome({**base_record(run), "status": "failed", "wall_time_s": wall_time_s, "error": error})
+
+
+def selected_lags(training: TrainingRun) -> tuple[int, ...]:
+    """The lags copied by the heads of the trained selector's leading subset (its largest share)."""
+    model = training.model
+    shares = model.selector_shares()
+    leading = max(shares, key=shares.get)
+    head_lags = model.head_lags()
+    return tuple(sorted({head_lags[h] for h in leading}))
+
+
+def theory_margin(training: TrainingRun) -> float:
+    """I~(predicted) minus the largest I~ of another lag set within the selector's degree."""
+    cfg = training.model.config
+    scores = prediction_scores(cfg, training.task, training.config.seed)
+    allowed = {s: v for s, v in scores.modified.items() if len(s) <= cfg.max_degree}
+    others = [v for s, v in allowed.items() if s != training.predicted_lags]
+    return allowed[training.predicted_lags] - max(others) if others else float("nan")
+
+
+def execute_run(run: RunSpec) -> RunOutcome:
+    """Train ``run``, probe it (``decomposition_test``, which runs ``find_parents``) and return its outcome.
+
+    Uses one torch thread, so runs in parallel workers do not compete, and a run's numbers do not depend on
+    the worker or backend that executed it.
+    """
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        model, task, config = preset_parts(run.preset, seed=run.seed, **run.overrides())
+        training = train(model, task, config, quiet=True)
+        decomposition = decomposition_test(model, task, n_sequences=run.n_sequences, seed=run.seed)
+        last = training.history.iloc[-1]
+        outcome = {
+            "status": "ok",
+            "predicted_lags": format_value(training.predicted_lags),
+            "selected_lags": format_value(selected_lags(training)),
+            "found_lags": format_value(decomposition.parents.lags),
+            "verdict": decomposition.verdict,
+            "eval_loss": float(last["eval_loss"]),
+            "bayes_loss": float(last["bayes_loss"]),
+            "excess_loss": float(last["excess_loss"]),
+            "theory_margin": theory_margin(training),
+        }
+        with tempfile.TemporaryDirectory() as scratch:
+            saved = training.save(Path(scratch) / RUN_DIRECTORY)
+            files = {p.relative_to(saved).as_posix(): p.read_bytes() for p in saved.rglob("*") if p.is_file()}
+    except Exception as error:  # recorded, so that one bad configuration does not stop the sweep
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        message = f"{type(error).__name__}: {error} ({Path(where.filename).name}:{where.lineno})"
+        return failure(run, message, time.perf_counter() - start)
+    record = {**base_record(run), **outcome, "wall_time_s": time.perf_counter() - start, "error": ""}
+    return RunOutcome(record, files)

@@ -1,0 +1,121 @@
+"""A self-contained HTML report of a sweep directory: does the theory's prediction match what training selects?
+
+One file, no network requests (figures are inline PNGs, the style is inline), in the style of the per-run
+report (``ih_circuits.reporting``). It reads only ``sweep.json`` and ``results.csv``, so it needs no training
+and no saved model.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ih_circuits.checkpoint import atomic_write_text, check_output_file
+from ih_circuits.reporting import figures_html, html_page
+from ih_circuits.sweep.plots import agreement_summary, plot_excess_loss_map, plot_margin, plot_theory_map
+from ih_circuits.sweep.results import agreement_rate, cell_table, disagreements, load_results
+from ih_circuits.sweep.store import read_spec
+
+REPORT_FILE = "report.html"
+ANSWER_COLUMNS = ("predicted_lags", "selected_lags", "found_lags")
+PROBLEM_COLUMNS = ("run_id", "status", *ANSWER_COLUMNS, "verdict", "excess_loss", "theory_margin", "error")
+NO_FINISHED_RUN = "no finished run"
+
+HOW_TO_READ = """
+<p>Each run trains the paper's two-layer model (copier, selector, classifier) on one n-gram task of the grid
+with one seed, then compares four answers to "which earlier tokens does the model read?". Lag sets are written
+<code>1,2</code>: lag 1 is the current token, lag 2 the token before it, and so on; "empty" is the empty set.</p>
+<ul>
+<li><b>predicted</b>: the theory's answer, known before training: the lag set with the largest modified
+chi-square mutual information I~ among those the selector can combine (at most its degree).</li>
+<li><b>selected</b>: what training chose: the lags of the trained selector's leading subset (the group of heads
+with the largest share).</li>
+<li><b>found</b>: what the trained model behaves as if it reads (<code>find_parents</code>: the lags whose
+resampling changes its prediction).</li>
+<li><b>verdict</b>: the decomposition test on the found lags: "holds" when the model works as the generalized
+induction head built from them.</li>
+</ul>
+<p>A run <b>agrees</b> when selected = predicted; the agreement rate counts finished runs only. The maps have one
+square per grid cell, its seeds pooled: the colour and "k/n seeds" say how often training selected the
+prediction, a red frame with an x marks every cell where some seed selected something else, and hatched squares
+had failed runs. Excess loss is the model's loss minus the Bayes-optimal predictor's, in nats (0 is perfect).
+The theory margin is I~(predicted) minus the next best I~: where it is small the theory is least sure.</p>
+"""
+
+
+def _as_text(frame: pd.DataFrame, finished: pd.Series, missing: str) -> pd.DataFrame:
+    """The table as text: the answers of finished rows (``""`` = "empty"), numbers to 4 significant digits, and
+    ``missing`` where there is no value (an answer of a row with no finished run, or a NaN)."""
+    shown = frame.astype(object)
+    for column in frame.columns:
+        if column in ANSWER_COLUMNS:
+            shown[column] = [(v or "empty") if ok else missing for v, ok in zip(frame[column], finished, strict=True)]
+        elif frame[column].dtype.kind == "f":
+            shown[column] = [missing if math.isnan(v) else f"{v:.4g}" for v in frame[column]]
+    return shown
+
+
+def _spec_json(spec: dict[str, Any]) -> str:
+    """The spec as JSON with one line per key."""
+    return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in spec.items()) + "\n}"
+
+
+def _problems_html(results: pd.DataFrame) -> str:
+    problems = disagreements(results)
+    if problems.empty:
+        return "<p>None: every run finished and selected the theory's prediction.</p>"
+    failed = int((problems["status"] != "ok").sum())
+    columns = [c for c in PROBLEM_COLUMNS if c in problems.columns]
+    table = _as_text(problems[columns], problems["status"] == "ok", "").to_html(index=False)
+    return f"<p>{len(problems) - failed} disagreeing and {failed} failed runs.</p>{table}"
+
+
+def sweep_report(directory: str | Path, output: str | Path | None = None) -> Path:
+    """Write the HTML report of a sweep directory (default ``DIRECTORY/report.html``) and return its path.
+
+    Contents: how to read it; the agreement rate (selected = predicted, over finished runs); the theory map,
+    the excess-loss map and the margin plot (``ih_circuits.sweep.plots``); the disagreeing and failed runs; the
+    per-cell table (``cell_table``); the spec; every run (``results.csv``). Missing values are explained or
+    left blank. Reads ``sweep.json`` and ``results.csv`` only; the file is written atomically.
+
+    Raises:
+        ValueError: ``directory`` is not a sweep directory or has no ``results.csv``, or ``output`` cannot be
+            written (both checked before any figure is drawn).
+    """
+    directory = Path(directory)
+    spec = read_spec(directory)
+    path = check_output_file(directory / REPORT_FILE if output is None else output)
+    results = load_results(directory)
+    cells = cell_table(results)
+    finished = int((results["status"] == "ok").sum())
+    figures = [
+        ("Theory vs practice per grid cell", plot_theory_map(results)),
+        ("Excess loss over the Bayes predictor", plot_excess_loss_map(results)),
+        ("Theory margin against agreement", plot_margin(results)),
+    ]
+    everywhere = agreement_rate(results) == 1.0
+    body = f"""
+<h1>Sweep report: theory vs practice</h1>
+<p class="note">{html.escape(str(directory))}: preset {html.escape(spec.preset)}, {len(cells)} grid cells x
+{len(spec.seeds)} seeds = {len(results)} runs, {finished} finished.</p>
+<h2>How to read this report</h2>
+{HOW_TO_READ}
+<h2>Agreement</h2>
+<p class="verdict-{str(everywhere).lower()}">{html.escape(agreement_summary(results))}.</p>
+<h2>Figures</h2>
+{figures_html(figures)}
+<h2>Disagreements and failed runs</h2>
+{_problems_html(results)}
+<h2>Cells (seeds pooled)</h2>
+{_as_text(cells, cells["ok"] > 0, NO_FINISHED_RUN).to_html(index=False)}
+<h2>Spec</h2>
+<pre>{html.escape(_spec_json(spec.to_dict()))}</pre>
+<h2>All runs</h2>
+{_as_text(results, results["status"] == "ok", "").to_html(index=False)}
+"""
+    return atomic_write_text(path, html_page("ih_circuits sweep report", body))

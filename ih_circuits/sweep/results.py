@@ -1,0 +1,135 @@
+"""A sweep's results: one record per run, the tidy table of all of them, and its cells (seeds aggregated).
+
+Columns of the results table, one row per run in the spec's order:
+
+- ``run_id``, ``preset``, ``seed``, then the grid's overrides (lag sets written ``"1,2"``);
+- the task: ``vocab_size``, ``parents``, ``alpha``, and ``steps`` trained;
+- ``status``: ``"ok"`` or ``"failed"`` (then ``error`` holds the exception, the rest is empty);
+- ``predicted_lags``: the theory's argmax of I~ within the selector's degree (``TrainingRun.predicted_lags``);
+  ``selected_lags``: the lags of the heads in the trained selector's leading subset; ``found_lags``:
+  ``find_parents``' behavioural answer; ``""`` is the empty set;
+- ``verdict``: ``decomposition_test``'s verdict on ``found_lags``;
+- ``eval_loss``, ``bayes_loss``, ``excess_loss`` (nats, last evaluation of the run);
+- ``theory_margin``: I~(predicted) minus the best other I~ within the degree (how sure the theory is);
+- ``wall_time_s``: the run's wall time in its worker (the only column that differs between identical runs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ih_circuits.checkpoint import atomic_write_text
+from ih_circuits.training import OVERRIDE_KEYS
+
+RESULTS_FILE = "results.csv"
+LAG_COLUMNS = ("parents", "predicted_lags", "selected_lags", "found_lags")
+OUTCOME_COLUMNS = (
+    "status",
+    "predicted_lags",
+    "selected_lags",
+    "found_lags",
+    "verdict",
+    "eval_loss",
+    "bayes_loss",
+    "excess_loss",
+    "theory_margin",
+    "wall_time_s",
+    "error",
+)
+TEXT_COLUMNS = ("run_id", "preset", "status", "verdict", "error", *LAG_COLUMNS)
+
+
+def results_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The records as one table, columns in the module docstring's order (a failed run's numbers are NaN)."""
+    frame = pd.DataFrame.from_records(list(records))
+    config = [c for c in frame.columns if c not in OUTCOME_COLUMNS]
+    frame = frame[config + [c for c in OUTCOME_COLUMNS if c in frame.columns]]
+    for column in TEXT_COLUMNS:
+        if column in frame.columns:
+            frame[column] = frame[column].fillna("").astype(str)
+    return frame
+
+
+def write_results(directory: str | Path, frame: pd.DataFrame) -> Path:
+    """Write ``DIRECTORY/results.csv`` atomically."""
+    return atomic_write_text(Path(directory) / RESULTS_FILE, frame.to_csv(index=False))
+
+
+def load_results(directory: str | Path) -> pd.DataFrame:
+    """Read ``results.csv`` of a sweep directory (or the file itself) with lag sets kept as text (``""`` = empty)."""
+    path = Path(directory)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: run the sweep first (ih-circuits sweep SPEC --out DIR)")
+    header = pd.read_csv(path, nrows=0).columns
+    text = {c: str for c in header if c in TEXT_COLUMNS or c in LAG_COLUMNS}
+    return pd.read_csv(
+        path, dtype=text, keep_default_na=False, na_values={c: ["", "nan"] for c in header if c not in text}
+    )
+
+
+def grid_columns(results: pd.DataFrame) -> list[str]:
+    """The overrides that vary across the runs, in the table's order: the axes of the map (never ``seed``: a
+    cell aggregates its seeds, though ``seed`` is also a model override)."""
+    return [c for c in results.columns if c in OVERRIDE_KEYS and c != "seed" and results[c].nunique(dropna=False) > 1]
+
+
+def _mode(values: pd.Series) -> str:
+    """The most common value (ties: the first seen); ``"-"`` when there is none."""
+    counts = Counter(values)
+    return counts.most_common(1)[0][0] if counts else "-"
+
+
+def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per grid cell, seeds aggregated over the runs that finished (``status == "ok"``).
+
+    Columns: the grid's, ``runs``, ``ok``, ``predicted_lags`` and ``selected_lags`` (the most common over the
+    seeds), ``selection_frequency`` (the share of seeds whose selected set is the predicted one; NaN with no
+    finished run), ``agrees`` (every finished seed selected the prediction), ``holds_frequency`` (the share whose
+    decomposition holds), and the means of ``excess_loss`` and ``theory_margin``.
+    """
+    grid = grid_columns(results) if grid is None else list(grid)
+    missing = [c for c in grid if c not in results.columns]
+    if missing:
+        raise ValueError(f"grid columns {missing} are not in the results; columns: {list(results.columns)}")
+    rows = []
+    groups = results.groupby(grid, sort=False, dropna=False) if grid else [((), results)]
+    for key, runs in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        ok = runs[runs["status"] == "ok"]
+        agree = ok["selected_lags"] == ok["predicted_lags"]
+        frequency = float(agree.mean()) if len(ok) else math.nan
+        rows.append(
+            {
+                **dict(zip(grid, key, strict=True)),
+                "runs": len(runs),
+                "ok": len(ok),
+                "predicted_lags": _mode(ok["predicted_lags"]),
+                "selected_lags": _mode(ok["selected_lags"]),
+                "selection_frequency": frequency,
+                "agrees": bool(len(ok)) and bool(agree.all()),
+                "holds_frequency": float((ok["verdict"] == "holds").mean()) if len(ok) else math.nan,
+                "excess_loss": float(ok["excess_loss"].mean()) if len(ok) else math.nan,
+                "theory_margin": float(ok["theory_margin"].mean()) if len(ok) else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def agreement_rate(results: pd.DataFrame) -> float:
+    """The share of finished runs whose selected lags are the theory's prediction (NaN when none finished)."""
+    ok = results[results["status"] == "ok"]
+    return float((ok["selected_lags"] == ok["predicted_lags"]).mean()) if len(ok) else math.nan
+
+
+def disagreements(results: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs whose selected lags differ from the prediction, and the failed runs."""
+    wrong = (results["status"] != "ok") | (results["selected_lags"] != results["predicted_lags"])
+    return results[wrong].reset_index(drop=True)

@@ -1,0 +1,96 @@
+"""Sweep specs: expansion to runs, TOML = dict, and errors that name the key before anything runs."""
+
+import sys
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+from ih_circuits.sweep import SweepSpec
+
+ISSUE_SPEC = """
+preset = "cwa"
+seeds = [0, 1]
+steps = 100
+
+[grid]
+alpha = [0.05, 0.3, 1.0]
+parents = [[1, 2], [1, 3], [2, 3], [1]]
+"""
+
+
+def test_grid_times_seeds_in_order():
+    spec = SweepSpec.from_dict(
+        {"preset": "cwa", "seeds": [0, 1], "steps": 50, "grid": {"alpha": [0.05, 1.0], "parents": [[1, 2], [1]]}}
+    )
+    runs = spec.runs()
+    assert [r.run_id for r in runs] == [
+        f"alpha={a}_parents={p}_seed={s}" for a in (0.05, 1.0) for p in ("1,2", "1") for s in (0, 1)
+    ]
+    assert runs[2].overrides() == {"steps": 50, "alpha": 0.05, "parents": (1,)}
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_toml_spec_is_the_dict_spec(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text(ISSUE_SPEC)
+    spec = SweepSpec.from_toml(path)
+    assert len(spec.runs()) == 24
+    assert spec == SweepSpec.from_dict(
+        {
+            "preset": "cwa",
+            "seeds": [0, 1],
+            "steps": 100,
+            "grid": {"alpha": [0.05, 0.3, 1.0], "parents": [[1, 2], [1, 3], [2, 3], [1]]},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"seeds": [0]}, "needs preset"),
+        ({"preset": "nope"}, "preset must be one of"),
+        ({"preset": "cwa", "seeds": []}, "seeds must be a non-empty list"),
+        ({"preset": "cwa", "seeds": [0, 0]}, "distinct"),
+        ({"preset": "cwa", "grid": {"alpha": 0.1}}, "grid.alpha must be a non-empty list"),
+        ({"preset": "cwa", "grid": {"colour": [1]}}, "run colour=1_seed=0: unknown overrides ['colour']"),
+        ({"preset": "cwa", "grid": {"parents": [[1, 2], [0]]}}, "run parents=0_seed=0"),
+        ({"preset": "cwa", "steps": 10, "grid": {"steps": [5, 10]}}, "both in grid and fixed"),
+        ({"preset": "cwa", "probe": {"n_sequences": 2}}, "probe.n_sequences must be an integer >= 16"),
+        ({"preset": "cwa", "grid": {"alpha": [0.1, 0.1]}}, "grid values repeat: runs ['alpha=0.1_seed=0']"),
+        ({"preset": "cwa", "fixed": {"alpha": float("nan")}}, "fixed.alpha must be finite"),
+        ({"preset": "cwa", "color": 1}, "unknown spec keys ['color']"),
+    ],
+)
+def test_bad_specs_are_refused_naming_the_key(data, message):
+    with pytest.raises(ValueError) as error:
+        SweepSpec.from_dict(data)
+    assert message in str(error.value)
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text('preset = "cwa"\n[grid\n')
+    with pytest.raises(ValueError, match="spec.toml is not valid TOML"):
+        SweepSpec.from_toml(path)
+    path.write_text('preset = "cwa"\nseeds = [-1]\n')
+    with pytest.raises(ValueError, match=r"spec.toml: seeds must be"):
+        SweepSpec.from_toml(path)
+
+
+def test_examples_sweep_toml_is_the_issue_grid_and_the_readme_block():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    example = SweepSpec.from_toml(root / "examples" / "sweep.toml")
+    assert example == SweepSpec.from_dict(tomllib.loads(ISSUE_SPEC))
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Sweeps: theory against practice") :]
+    block = re.search(r"```toml\n(.*?)```", section, flags=re.DOTALL).group(1)
+    assert SweepSpec.from_dict(tomllib.loads(block)) == example
+    assert len(example.runs()) == 24
