@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Extra requirement installed with the package: `make test-tl3` sets it to the newest TransformerLens 3.x.
 TL_SPEC ?=
 
-.PHONY: venv install install-dev demo test test-slow test-tl3 test-all lint bench bench-scale bench-sweep battery browser clean
+.PHONY: venv install install-dev demo test test-e2e test-slow test-tl3 test-all lint bench bench-scale bench-sweep battery browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,19 +38,27 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/ih-circuits demo
 
+# The fast tier: tests/ and the doctests in ih_circuits/, without the e2e and slow tests; .ci/run calls it first.
 test: install-dev
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
 
-# The end-to-end runs marked slow (trained ordinary transformers, presets); .ci/run calls it after `make test`.
+# The end-to-end tier: examples, the browser test, multi-process sweeps and kills (marked e2e), then every
+# notebook (nbmake); .ci/run calls it after `make test`.
+test-e2e: install-dev
+	$(PY) -m pytest -q -m "e2e and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q --nbmake notebooks $(PYTEST_ARGS)
+
+# The runs marked slow (trained ordinary transformers, presets); .ci/run calls it after `make test-e2e`.
 test-slow: install-dev
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-# The fast tier again on TransformerLens 3.x (which still has HookedTransformer), in its own venv.
+# The fast and end-to-end tiers again on TransformerLens 3.x (which still has HookedTransformer), in its own venv.
 test-tl3:
-	$(MAKE) VENV=.venv-tl3 TL_SPEC="transformer-lens>=3.0,<4" test
+	$(MAKE) VENV=.venv-tl3 TL_SPEC="transformer-lens>=3.0,<4" test test-e2e
 
+# Everything in one run: the fast tier, the e2e tier with the notebooks, and the slow tests.
 test-all: install-dev
-	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q --nbmake $(PYTEST_ARGS)
 
 lint: install-dev
 	$(PY) -m ruff check .

@@ -151,7 +151,7 @@ def drop_share_column(path: Path) -> None:
 
 
 def finite_training(**overrides) -> None:
-    from ih_circuits.training import preset_parts
+    from ih_circuits.presets import preset_parts
 
     model, task, _ = preset_parts("cwa", **overrides)
     tokens = task.sample(64, seed=0).tokens
@@ -349,10 +349,10 @@ def _(directory: Path) -> None:
     ih.NGramTask(vocab_size=3, parents=(1, 2), seq_len=20, alpha=float("nan")).sample(8, seed=0)
 
 
-@case("unknown positions value", error="positions")
+@case("unknown positions value", error="loss_positions")
 def _(directory: Path) -> None:
     model = ih.IHTransformer(ih.IHConfig(d_vocab=3, n_ctx=20))
-    model.log_probs_at(torch.zeros(2, 10, dtype=torch.long), "first")
+    model(torch.zeros(2, 10, dtype=torch.long), return_type="loss", loss_positions="first")
 
 
 @case("float token ids", error="integer|dtype|float")

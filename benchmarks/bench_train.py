@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ih_circuits import IHConfig, IHTransformer, NGramTask
-from ih_circuits.training import train_preset
+from ih_circuits.presets import train_preset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import dense_reference_loss  # noqa: E402

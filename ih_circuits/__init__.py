@@ -6,7 +6,7 @@ selection theory (``ih_circuits.theory``) and sweeps that compare it with traini
 ``HookedRootModule``, training, probes for any TransformerLens model and views. See README.md for the tour.
 """
 
-from ih_circuits import baselines, probes, sources, sweep, theory
+from ih_circuits import baselines, model, probes, sources, sweep, theory, views
 from ih_circuits.memory import MemoryBudgetError, memory_limit, set_memory_limit
 from ih_circuits.model import IHActivationCache, IHConfig, IHTransformer, get_act_patch_stage_out, ideal_model
 from ih_circuits.predictors import (
@@ -23,11 +23,12 @@ from ih_circuits.predictors import (
     oracle_predictive,
     unigram_predictive,
 )
-from ih_circuits.priors import DirichletPrior, KernelPrior
+from ih_circuits.presets import PRESETS, train_preset
+from ih_circuits.priors import DirichletPrior, KernelPrior, SparseSupportPrior, register_prior
 from ih_circuits.reporting import report
 from ih_circuits.sources import DataSource, RepeatedTokens
 from ih_circuits.task import NGramBatch, NGramTask
-from ih_circuits.training import PRESETS, Stage, TrainConfig, TrainingDiverged, TrainingRun, train, train_preset
+from ih_circuits.training import Stage, TrainConfig, TrainingDiverged, TrainingRun, train
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "NGramTask",
     "PRESETS",
     "RepeatedTokens",
+    "SparseSupportPrior",
     "Stage",
     "TrainConfig",
     "TrainingDiverged",
@@ -59,11 +61,13 @@ __all__ = [
     "kl_divergence",
     "last_position_nll",
     "memory_limit",
+    "model",
     "model_averaging",
     "model_averaging_predictive",
     "next_token_nll",
     "oracle_predictive",
     "probes",
+    "register_prior",
     "report",
     "set_memory_limit",
     "sources",
@@ -72,4 +76,10 @@ __all__ = [
     "train",
     "train_preset",
     "unigram_predictive",
+    "views",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public names only: submodules loaded as a side effect of imports (``task``, ``chain``, ...) stay out."""
+    return sorted(__all__)

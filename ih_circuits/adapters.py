@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ih_circuits.checks import check_int
 from ih_circuits.model import IHTransformer
 
 CHUNK = 1024
@@ -63,9 +64,7 @@ class TransformerLensAdapter:
         return f"blocks.{layer}.attn.hook_pattern"
 
     def check_layer(self, layer: int, name: str) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"{name} must be an integer in 0..{self.n_layers - 1}; got {layer!r}")
-        return layer
+        return check_int(layer, name, 0, self.n_layers - 1)
 
     def default_query_layer(self) -> int:
         """Layer at which the query's history meets the context: 1 (after layer 0 gathered it), 0 for one layer."""
@@ -157,7 +156,7 @@ class IHAdapter(TransformerLensAdapter):
 
     @torch.no_grad()
     def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
-        parts = [self.ih.log_probs_at(part, "last")[:, 0].float() for part in tokens.split(CHUNK)]
+        parts = [self.ih.query_log_probs(part).float() for part in tokens.split(CHUNK)]
         return torch.cat(parts)
 
     @torch.no_grad()

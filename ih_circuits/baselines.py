@@ -19,6 +19,7 @@ from torch import nn
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
+from ih_circuits.checks import check_int, check_real
 from ih_circuits.sources import DataSource, sample_tokens
 from ih_circuits.task import NGramTask
 from ih_circuits.training import Stage, TrainConfig, TrainingRun, train
@@ -139,11 +140,10 @@ def train_on_source(
     """
     from tqdm.auto import tqdm
 
-    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0; got {lr!r}")
+    check_int(steps, "steps", 1)
+    check_int(batch_size, "batch_size", 1)
+    check_int(seed, "seed", 0)
+    check_real(lr, "lr", 0.0, low_open=True)
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

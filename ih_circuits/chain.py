@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ih_circuits.checks import check_int
 from ih_circuits.memory import check_memory, items_per_chunk
 
 _TELEPORT = 1e-10
@@ -34,8 +35,7 @@ def validate_lags(lags: Sequence[int], name: str = "parents") -> tuple[int, ...]
         raise ValueError(f"{name} must be a sequence of positive integer lags; got {lags!r}")
     values = list(lags)
     for lag in values:
-        if isinstance(lag, bool) or not isinstance(lag, int) or lag <= 0:
-            raise ValueError(f"{name} must contain integers >= 1; got {lag!r} in {tuple(values)}")
+        check_int(lag, f"every lag in {name}={tuple(values)}", 1)
     if len(set(values)) != len(values):
         raise ValueError(f"{name} must not repeat a lag; got {tuple(values)}")
     return tuple(sorted(values))
@@ -190,7 +190,7 @@ def burned_in_law(
     if order == 0:
         return law
     rows = kernels.double()[:, _window_history_codes(order, parents, d_vocab, kernels.device), :]
-    active, current = torch.arange(kernels.shape[0], device=kernels.device), law
+    active, current = torch.arange(kernels.shape[0], device=kernels.device), law.clone()
     for _ in range(max_steps):
         stepped = einops.reduce(current[:, :, None] * rows, "batch (old rest) e -> batch (rest e)", "sum", old=d_vocab)
         moving = (stepped - current).abs().sum(-1) >= tolerance

@@ -49,7 +49,8 @@ def _theory(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ih_circuits.training import TrainingDiverged, TrainingRun, train_preset
+    from ih_circuits.presets import train_preset
+    from ih_circuits.training import TrainingDiverged, TrainingRun
 
     overrides = {
         k: v
@@ -142,9 +143,9 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from ih_circuits.checkpoint import check_output_file
+    from ih_circuits.presets import train_preset
     from ih_circuits.probes import decomposition_test
     from ih_circuits.reporting import report
-    from ih_circuits.training import train_preset
 
     out = Path(args.out)
     check_target(out / "run", overwrite=True)

@@ -13,9 +13,10 @@ Two numbers govern memory:
 
 from __future__ import annotations
 
-import math
 import os
 import re
+
+from ih_circuits.checks import check_real
 
 CHUNK_BYTES = 2**26
 DEFAULT_FRACTION = 0.5
@@ -43,9 +44,7 @@ def parse_bytes(value: int | float | str, name: str = "limit") -> int:
         if match is None or match.group(2).upper() not in _UNITS:
             raise ValueError(f"{name} must be a byte count such as 2000000000, '2GB' or '512MiB'; got {value!r}")
         value = float(match.group(1)) * _UNITS[match.group(2).upper()]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
-        raise ValueError(f"{name} must be a positive byte count; got {value!r}")
-    return int(value)
+    return int(check_real(value, f"{name} (a byte count)", 1))
 
 
 def machine_memory() -> int:

@@ -24,9 +24,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ih_circuits.chain import history_codes, validate_lags
+from ih_circuits.checks import check_real, check_tokens
 from ih_circuits.memory import items_per_chunk
 from ih_circuits.priors import DirichletPrior, KernelPrior
-from ih_circuits.task import check_tokens
 
 Tokens = Int[Tensor, "batch pos"]
 Probs = Float[Tensor, "batch pos d_vocab"]
@@ -150,8 +150,7 @@ def gih_predictive(tokens: Tokens, lags: Sequence[int], a: float, *, d_vocab: in
     """
     d_vocab = check_tokens(tokens, d_vocab)
     lags = validate_lags(lags, "lags")
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or math.isnan(a) or a == -math.inf:
-        raise ValueError(f"a must be a real number or +inf; got {a!r}")
+    check_real(a, "a", -math.inf, low_open=True, finite=False)
     matched = history_counts(tokens, lags, d_vocab, first_target=1).double()
     totals = history_counts(tokens, (), d_vocab, first_target=1).double()
     n_matched = matched.sum(-1, keepdim=True)

@@ -1,14 +1,23 @@
-"""Priors over transition kernels (PAPER.md §1, §6).
+"""Priors over transition kernels (PAPER.md §1, §6), and the registry that makes them pluggable.
 
-A prior is a small object with two jobs: draw kernel rows ``pi(.|z)`` (``sample_rows``) and give the
-posterior predictive of the next token from the counts of what followed a history (``predictive``).
-``DirichletPrior`` is the paper's; any object with the same three methods (``KernelPrior``) plugs into
-``NGramTask`` and the Bayes predictors.
+A prior does three jobs (the ``KernelPrior`` protocol):
+
+- ``sample_rows(batch, n_rows, d_vocab, generator, dtype)`` draws ``batch * n_rows`` independent kernel rows
+  pi(.|z), ``[batch, n_rows, d_vocab]``, reproducibly from ``generator``: the data (``NGramTask.sample``) and the
+  theory's kernels (``theory.selection_scores``) both come from here;
+- ``predictive(counts)`` maps N(z, e), the counts of what followed one history, to the posterior predictive
+  P(next = e | counts): the Bayes predictor (``predictors.bayes_predictive``) and the probes' baselines use it;
+- ``to_dict()`` returns ``{"kind": name, **arguments}`` with JSON-native arguments, so that checkpoints record it
+  and ``prior_from_dict`` rebuilds it as ``cls(**arguments)`` (lists become tuples).
+
+``DirichletPrior`` is the paper's; ``SparseSupportPrior`` (each row uniform on a random few tokens) ships as a
+second example. Register your own class with ``register_prior(name, cls)`` so that runs using it
+save and load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -16,10 +25,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ih_circuits.checks import check_int, check_real
+
 
 @runtime_checkable
 class KernelPrior(Protocol):
-    """What ``NGramTask`` and the Bayes predictors need from a prior over kernel rows."""
+    """What ``NGramTask``, the theory, the Bayes predictors and the probes need from a prior over kernel rows."""
 
     def sample_rows(
         self, batch: int, n_rows: int, d_vocab: int, generator: torch.Generator, dtype: torch.dtype
@@ -61,13 +72,10 @@ class DirichletPrior:
     def __post_init__(self) -> None:
         values = self.alpha if isinstance(self.alpha, Sequence) else (self.alpha,)
         for value in values:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= MIN_ALPHA:
-                raise ValueError(
-                    f"alpha must be >= {MIN_ALPHA} (a float or one float per token; below that the Gamma sampler "
-                    f"overflows, and every row is one-hot already); got {self.alpha!r}"
-                )
-            if value == float("inf"):
-                raise ValueError(f"alpha must be finite; got {self.alpha!r}")
+            # Below MIN_ALPHA the Gamma sampler overflows, and every row is one-hot already.
+            check_real(value, "alpha", MIN_ALPHA)
+        if isinstance(self.alpha, Sequence) and not values:
+            raise ValueError("alpha must be a float or a non-empty sequence of floats, one per token; got ()")
         if isinstance(self.alpha, Sequence):
             object.__setattr__(self, "alpha", tuple(float(v) for v in self.alpha))
         else:
@@ -101,9 +109,95 @@ class DirichletPrior:
         return {"kind": "dirichlet", "alpha": alpha}
 
 
-def prior_from_dict(data: dict[str, Any]) -> DirichletPrior:
-    """Inverse of ``DirichletPrior.to_dict``."""
-    if data.get("kind") != "dirichlet" or set(data) != {"kind", "alpha"}:
-        raise ValueError(f"unknown prior description {data!r}; expected {{'kind': 'dirichlet', 'alpha': ...}}")
-    alpha = data["alpha"]
-    return DirichletPrior(tuple(alpha) if isinstance(alpha, list) else alpha)
+@dataclass(frozen=True)
+class SparseSupportPrior:
+    """Each row pi(.|z) is uniform on ``support`` distinct tokens chosen uniformly at random: a non-Dirichlet prior.
+
+    Every next token has one of ``support`` equally likely values. Rows are independent, so the Bayes predictor is
+    still per history: given the set O of tokens already seen after z (|O| = o <= k = ``support``), the support is
+    uniform over the k-sets containing O, so
+
+        P(next = e | counts) = 1/k                     if e in O,
+                               (k - o) / ((d - o) k)   otherwise.
+
+    Sparse, flat rows make the dependence of x_t on its nearest parent stronger than a Dirichlet does: with
+    vocabulary 3, parents (1, 2) and one selected lag, the theory picks lag 1 under ``SparseSupportPrior(2)`` and
+    lag 2 under Dirichlet(0.1) (``tests/test_priors.py``).
+
+    >>> SparseSupportPrior(2).predictive(torch.tensor([3.0, 0.0, 0.0, 0.0], dtype=torch.float64)).tolist()
+    [0.5, 0.16666666666666666, 0.16666666666666666, 0.16666666666666666]
+    """
+
+    support: int = 2
+
+    def __post_init__(self) -> None:
+        check_int(self.support, "support", 1)
+
+    def _check_vocab(self, d_vocab: int) -> None:
+        if self.support > d_vocab:
+            raise ValueError(f"support must be <= d_vocab={d_vocab} (distinct tokens per row); got {self.support}")
+
+    def sample_rows(
+        self, batch: int, n_rows: int, d_vocab: int, generator: torch.Generator, dtype: torch.dtype
+    ) -> Float[Tensor, "batch history d_vocab"]:
+        """The ``support`` tokens of each row are the smallest of d i.i.d. uniform keys: a uniform random k-set."""
+        self._check_vocab(d_vocab)
+        keys = torch.rand(batch, n_rows, d_vocab, generator=generator, device=generator.device)
+        rank = keys.argsort(-1).argsort(-1)
+        return (rank < self.support).to(dtype) / self.support
+
+    def predictive(self, counts: Float[Tensor, "*rows d_vocab"]) -> Float[Tensor, "*rows d_vocab"]:
+        """1/k on seen tokens, (k - o) / ((d - o) k) on the others; refuses counts with more than k seen tokens."""
+        d_vocab = counts.shape[-1]
+        self._check_vocab(d_vocab)
+        seen = (counts > 0).to(counts.dtype)
+        n_seen = seen.sum(-1, keepdim=True)
+        if counts.numel() and int(n_seen.max()) > self.support:
+            raise ValueError(
+                f"counts show {int(n_seen.max())} distinct next tokens after one history, more than support="
+                f"{self.support}: these tokens were not drawn from this prior"
+            )
+        unseen = (self.support - n_seen) / (d_vocab - n_seen).clamp_min(1)
+        return (seen + (1 - seen) * unseen) / self.support
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "sparse_support", "support": self.support}
+
+
+_REGISTRY: dict[str, type] = {"dirichlet": DirichletPrior, "sparse_support": SparseSupportPrior}
+
+
+def register_prior(name: str, cls: type) -> None:
+    """Make ``prior_from_dict`` rebuild ``{"kind": name, **arguments}`` as ``cls(**arguments)``.
+
+    ``cls`` must provide the three ``KernelPrior`` methods. Registering a name again with the same class is a
+    no-op; taking a name already used by another class is an error.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string; got {name!r}")
+    missing = [m for m in ("sample_rows", "predictive", "to_dict") if not callable(getattr(cls, m, None))]
+    if not isinstance(cls, type) or missing:
+        raise ValueError(f"cls must be a class with sample_rows, predictive and to_dict; {cls!r} lacks {missing}")
+    if _REGISTRY.get(name, cls) is not cls:
+        raise ValueError(f"prior kind {name!r} is already registered to {_REGISTRY[name].__name__}")
+    _REGISTRY[name] = cls
+
+
+def registered_priors() -> Mapping[str, type]:
+    """The prior kinds ``prior_from_dict`` knows, name -> class (read-only)."""
+    return dict(_REGISTRY)
+
+
+def prior_from_dict(data: dict[str, Any]) -> KernelPrior:
+    """Inverse of ``to_dict`` for every registered prior: ``cls(**arguments)``, JSON lists turned into tuples."""
+    if not isinstance(data, dict) or data.get("kind") not in _REGISTRY:
+        raise ValueError(
+            f"unknown prior description {data!r}; expected {{'kind': K, ...}} with K one of {sorted(_REGISTRY)} "
+            "(register other priors with ih_circuits.register_prior)"
+        )
+    arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "kind"}
+    cls = _REGISTRY[data["kind"]]
+    try:
+        return cls(**arguments)
+    except TypeError as error:
+        raise ValueError(f"prior description {data!r} does not match {cls.__name__}: {error}") from None

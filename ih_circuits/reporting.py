@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 from ih_circuits.checkpoint import atomic_write_text, check_output_file
 from ih_circuits.model import IHTransformer
 from ih_circuits.probes import decomposition_test
+from ih_circuits.seeds import derive_seed
 from ih_circuits.task import NGramTask
-from ih_circuits.training import TrainingRun, derive_seed
+from ih_circuits.training import TrainingRun
 from ih_circuits.views import (
     attention_data,
     circuitsvis_bundle,

@@ -16,7 +16,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ih_circuits.task import make_generator
+from ih_circuits.checks import check_int
+from ih_circuits.seeds import make_generator
 
 
 @runtime_checkable
@@ -57,20 +58,10 @@ class RepeatedTokens:
     max_period: int = 20
 
     def __post_init__(self) -> None:
-        for name, low in (("vocab_size", 2), ("min_period", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-        if (
-            isinstance(self.max_period, bool)
-            or not isinstance(self.max_period, int)
-            or self.max_period < self.min_period
-        ):
-            raise ValueError(f"max_period must be an integer >= min_period={self.min_period}; got {self.max_period!r}")
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2 * self.max_period:
-            raise ValueError(
-                f"seq_len must be an integer >= 2 * max_period = {2 * self.max_period}; got {self.seq_len!r}"
-            )
+        check_int(self.vocab_size, "vocab_size", 2)
+        check_int(self.min_period, "min_period", 2)
+        check_int(self.max_period, "max_period", self.min_period, low_text=f"min_period={self.min_period}")
+        check_int(self.seq_len, "seq_len", 2 * self.max_period, low_text=f"2 * max_period = {2 * self.max_period}")
 
     @property
     def parents(self) -> tuple[int, ...]:
@@ -86,8 +77,7 @@ class RepeatedTokens:
         device: torch.device | str | None = None,
     ) -> Int[Tensor, "batch pos"]:
         """``n`` sequences ``[n, seq_len]``; the same seed gives the same tokens on every device."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1; got {n!r}")
+        check_int(n, "n", 1)
         generator = make_generator(seed, generator)
         block = torch.randint(0, self.vocab_size, (n, self.max_period), generator=generator)
         period = torch.randint(self.min_period, self.max_period + 1, (n, 1), generator=generator)

@@ -13,7 +13,7 @@ every device.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import einops
@@ -23,31 +23,15 @@ from torch import Tensor
 
 from ih_circuits.chain import digit_table, stationary_window_law, validate_lags
 from ih_circuits.checkpoint import check_fields
+from ih_circuits.checks import check_int, check_tokens
 from ih_circuits.memory import check_memory
+from ih_circuits.predictors import bayes_predictive, oracle_predictive
 from ih_circuits.priors import DirichletPrior, KernelPrior, prior_from_dict
+from ih_circuits.seeds import make_generator
 
 # Bytes per kernel entry while sampling: the float32 Gamma draws (concentration, variate, uniform, log, weights),
 # the kernels and their cumulative sums.
 SAMPLING_BYTES_PER_ENTRY = 7 * 4
-
-
-def make_generator(seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:
-    """One random stream: from ``generator`` if given, else a CPU generator seeded with ``seed``.
-
-    With neither, a fresh nondeterministic seed is used. Giving both is an error.
-    """
-    if seed is not None and generator is not None:
-        raise ValueError("pass either seed or generator, not both")
-    if generator is not None:
-        return generator
-    fresh = torch.Generator()
-    if seed is None:
-        fresh.seed()
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
-        fresh.manual_seed(seed)
-    return fresh
 
 
 @dataclass
@@ -95,11 +79,14 @@ class NGramTask:
         vocab_size: d >= 2.
         parents: the parent lags pa, any set of positive integers, e.g. ``(1, 2)`` or ``(1, 3)``.
         seq_len: tokens per sequence including the final target; at least max(pa) + 1.
-        alpha: Dirichlet concentration of the kernel rows (> 0); ignored when ``prior`` is given.
+        alpha: Dirichlet concentration of the kernel rows (> 0), shorthand for ``prior=DirichletPrior(alpha)``;
+            set from ``prior`` when that is a symmetric Dirichlet, unused by any computation otherwise.
         window: the lags 1..M a model (and the theory) considers; defaults to max(pa), must be >= max(pa).
         init: ``"uniform"`` (the paper: first max(pa) tokens i.i.d. uniform) or ``"stationary"``
             (first max(pa) tokens from the chain's stationary law, so every position is stationary).
-        prior: a ``KernelPrior``; defaults to ``DirichletPrior(alpha)``.
+        prior: a ``KernelPrior``; defaults to ``DirichletPrior(alpha)``. Data, the Bayes predictor, the theory,
+            training and the probes all use it, and tasks with different priors are different (``==``). A custom
+            class must be registered (``register_prior``) for runs that use it to load.
 
     >>> task = NGramTask(vocab_size=3, parents=(1, 2), seq_len=101, alpha=0.1)
     >>> batch = task.sample(4, seed=0)
@@ -113,26 +100,22 @@ class NGramTask:
     alpha: float = 0.1
     window: int | None = None
     init: str = "uniform"
-    prior: KernelPrior | None = field(default=None, compare=False)
+    prior: KernelPrior | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be an integer >= 2; got {self.vocab_size!r}")
+        check_int(self.vocab_size, "vocab_size", 2)
         parents = validate_lags(self.parents, "parents")
         object.__setattr__(self, "parents", parents)
         order = max(parents, default=0)
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < order + 1:
-            raise ValueError(
-                f"seq_len must be an integer >= max(parents) + 1 = {order + 1} (one token drawn from the kernel); "
-                f"got {self.seq_len!r}"
-            )
+        check_int(self.seq_len, "seq_len", order + 1, low_text=f"max(parents) + 1 = {order + 1}")
         if self.prior is None:
             object.__setattr__(self, "prior", DirichletPrior(self.alpha))
         elif not isinstance(self.prior, KernelPrior):
             raise ValueError(f"prior must provide sample_rows, predictive and to_dict; got {type(self.prior).__name__}")
+        elif isinstance(self.prior, DirichletPrior) and isinstance(self.prior.alpha, float):
+            object.__setattr__(self, "alpha", self.prior.alpha)
         window = order if self.window is None else self.window
-        if isinstance(window, bool) or not isinstance(window, int) or window < max(order, 1):
-            raise ValueError(f"window must be an integer >= max(parents) = {order} and >= 1; got {self.window!r}")
+        check_int(window, "window", max(order, 1), low_text=f"max(max(parents), 1) = {max(order, 1)}")
         object.__setattr__(self, "window", window)
         if self.init not in ("uniform", "stationary"):
             raise ValueError(f"init must be 'uniform' or 'stationary'; got {self.init!r}")
@@ -162,8 +145,7 @@ class NGramTask:
         The kernels take batch_size * d^|pa| * d floats; above ``memory.memory_limit()`` this raises
         ``MemoryBudgetError`` before drawing.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        check_int(batch_size, "batch_size", 1)
         d = self.vocab_size
         check_memory(
             SAMPLING_BYTES_PER_ENTRY * batch_size * self.n_histories * d,
@@ -209,21 +191,31 @@ class NGramTask:
 
     def bayes_predictive(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
         """Posterior predictive with the true parents and this task's prior (``predictors.bayes_predictive``)."""
-        from ih_circuits.predictors import bayes_predictive
-
         return bayes_predictive(tokens, self.parents, prior=self.prior, d_vocab=self.vocab_size)
 
     def oracle_predictive(self, batch: NGramBatch) -> Float[Tensor, "batch pos d_vocab"]:
         """The true next-token law given each sequence's own kernel (and this task's ``init``)."""
-        from ih_circuits.predictors import oracle_predictive
-
         start_law = None
         if self.init == "stationary" and self.order > 0:
             start_law = stationary_window_law(batch.kernels, self.parents, self.vocab_size, self.order)
         return oracle_predictive(batch.tokens, batch.kernels, self.parents, start_law=start_law)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-native description; ``NGramTask.from_dict`` inverts it."""
+        """JSON-native description; ``NGramTask.from_dict`` inverts it.
+
+        Refuses a prior that ``prior_from_dict`` cannot rebuild equal to itself (an unregistered class), so that
+        every saved task loads back.
+        """
+        prior = self.prior.to_dict()
+        try:
+            rebuilt = prior_from_dict(prior)
+        except ValueError as error:
+            raise ValueError(f"this task's prior cannot be saved: {error}") from None
+        if rebuilt != self.prior:
+            raise ValueError(
+                f"this task's prior cannot be saved: {prior!r} rebuilds as {rebuilt!r}, not {self.prior!r}; "
+                "to_dict() must return {'kind': name, **constructor arguments}"
+            )
         return {
             "vocab_size": self.vocab_size,
             "parents": list(self.parents),
@@ -231,7 +223,7 @@ class NGramTask:
             "alpha": self.alpha,
             "window": self.window,
             "init": self.init,
-            "prior": self.prior.to_dict(),
+            "prior": prior,
         }
 
     @classmethod
@@ -241,24 +233,3 @@ class NGramTask:
         if not isinstance(data["parents"], list):
             raise ValueError(f"NGramTask parents must be a list of lags; got {data['parents']!r}")
         return cls(**{**data, "parents": tuple(data["parents"]), "prior": prior_from_dict(data["prior"])})
-
-
-def check_tokens(tokens: Tensor, d_vocab: int | None, name: str = "tokens") -> int:
-    """Validate a token batch before any computation; return the vocabulary size used.
-
-    ``d_vocab=None`` infers d as max(tokens) + 1 (pass it whenever a token may be absent).
-    """
-    if not isinstance(tokens, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of token ids; got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"{name} must have an integer dtype; got {tokens.dtype}")
-    if tokens.ndim != 2:
-        raise ValueError(f"{name} must have shape [batch, pos]; got {tuple(tokens.shape)}")
-    if tokens.numel() == 0:
-        raise ValueError(f"{name} must be non-empty; got shape {tuple(tokens.shape)}")
-    low, high = int(tokens.min()), int(tokens.max())
-    if d_vocab is None:
-        d_vocab = max(high + 1, 2)
-    if low < 0 or high >= d_vocab:
-        raise ValueError(f"{name} must be integers in [0, d_vocab={d_vocab}); got min {low}, max {high}")
-    return d_vocab

@@ -40,10 +40,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ih_circuits.chain import burned_in_law, digit_table, stationary_window_law, validate_lags, window_law_bytes
+from ih_circuits.checks import check_int
 from ih_circuits.memory import check_memory, items_per_chunk
 from ih_circuits.predictors import candidate_parent_sets
 from ih_circuits.priors import DirichletPrior, KernelPrior
-from ih_circuits.task import SAMPLING_BYTES_PER_ENTRY, make_generator
+from ih_circuits.seeds import make_generator
+from ih_circuits.task import SAMPLING_BYTES_PER_ENTRY
 
 __all__ = [
     "SelectionScores",
@@ -312,8 +314,7 @@ def _check_method(method: str, n_samples: int | None) -> None:
         raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}; got {method!r}")
     if n_samples is None:
         return
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be None or an integer >= 2 (pairs of windows are counted); got {n_samples!r}")
+    check_int(n_samples, "n_samples (None, or pairs of windows are counted)", 2)
     if method == "exact":
         raise ValueError(f"n_samples applies to method='monte_carlo' or 'auto', not 'exact'; got n_samples={n_samples}")
 
@@ -391,15 +392,13 @@ def selection_scores(
     >>> scores.method, scores.n_samples, scores.best(max_degree=1)
     ('monte_carlo', 2000, (1,))
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ValueError(f"vocab_size must be an integer >= 2; got {vocab_size!r}")
+    check_int(vocab_size, "vocab_size", 2)
     parents = validate_lags(parents)
     window = max(parents, default=1) if window is None else window
-    if isinstance(window, bool) or not isinstance(window, int) or window < max(max(parents, default=1), 1):
-        raise ValueError(f"window must be an integer >= max(parents) = {max(parents, default=1)}; got {window!r}")
+    check_int(window, "window", max(parents, default=1), low_text=f"max(parents) = {max(parents, default=1)}")
     _check_method(method, n_samples)
-    if n_kernels is not None and (isinstance(n_kernels, bool) or not isinstance(n_kernels, int) or n_kernels < 2):
-        raise ValueError(f"n_kernels must be None or an integer >= 2; got {n_kernels!r}")
+    if n_kernels is not None:
+        check_int(n_kernels, "n_kernels (or None)", 2)
     candidates = candidate_parent_sets(window) if subsets is None else [validate_lags(s, "subsets") for s in subsets]
     for subset in candidates:
         if subset and max(subset) > window:
@@ -469,21 +468,22 @@ def modified_chi2_mi(
     seed: int = 0,
     window: int | None = None,
     *,
+    prior: KernelPrior | None = None,
     method: str = "auto",
     n_samples: int | None = None,
 ) -> dict[tuple[int, ...], float]:
     """I~(S) for each candidate lag set (PAPER.md §5), keyed by the sorted tuple of lags.
 
     I~(S) = E_pi [ sum_z mu(z)^2 ( sum_e mu(e|z)^2 / mu(e) - 1 ) ] under the stationary law mu, averaged over
-    kernels from the prior; ``method`` and ``n_samples`` as in ``selection_scores``, which returns the same
-    numbers with the ordinary chi-square MI and standard errors.
+    kernels from the prior (``prior``, or Dirichlet(``alpha``) when None); ``method`` and ``n_samples`` as in
+    ``selection_scores``, which returns the same numbers with the ordinary chi-square MI and standard errors.
 
     >>> scores = modified_chi2_mi(vocab_size=3, parents=(1, 2), alpha=0.1, n_kernels=200, window=3)
     >>> max(scores, key=scores.get)
     (1, 2)
     """
     return selection_scores(
-        vocab_size, parents, alpha, subsets, n_kernels, seed, window, method=method, n_samples=n_samples
+        vocab_size, parents, alpha, subsets, n_kernels, seed, window, prior=prior, method=method, n_samples=n_samples
     ).modified
 
 
@@ -496,18 +496,19 @@ def predicted_parent_set(
     n_kernels: int | None = None,
     seed: int = 0,
     *,
+    prior: KernelPrior | None = None,
     method: str = "auto",
     n_samples: int | None = None,
 ) -> tuple[int, ...]:
     """The lag set the theory says the selector converges to: argmax of I~(S) over |S| <= max_degree.
 
-    ``method`` and ``n_samples`` as in ``selection_scores``.
+    Kernels come from ``prior`` (Dirichlet(``alpha``) when None); ``method`` and ``n_samples`` as in
+    ``selection_scores``.
 
     >>> predicted_parent_set(vocab_size=3, parents=(1, 2), alpha=0.1, window=3, max_degree=2, n_kernels=200)
     (1, 2)
     """
-    if isinstance(max_degree, bool) or not isinstance(max_degree, int) or max_degree < 0:
-        raise ValueError(f"max_degree must be an integer >= 0; got {max_degree!r}")
+    check_int(max_degree, "max_degree", 0)
     return selection_scores(
-        vocab_size, parents, alpha, None, n_kernels, seed, window, method=method, n_samples=n_samples
+        vocab_size, parents, alpha, None, n_kernels, seed, window, prior=prior, method=method, n_samples=n_samples
     ).best(max_degree)

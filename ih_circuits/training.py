@@ -13,19 +13,19 @@ cross-entropy (PAPER.md §8). Objective: ``"last"`` (the paper: only the token a
 
 Every ``record_every`` steps the run records, on a fixed evaluation batch: the loss, the excess loss over
 the Bayes predictor, the classifier scale a, the selector shares per subset, the copier weights, the
-leading subset (and the lags its heads copy), and the theory's predicted subset.
+leading subset (and the lags its heads copy), and the theory's predicted subset (``ih_circuits.history`` defines
+the table). The paper's runs by name are in ``ih_circuits.presets``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,12 @@ from torch import Tensor, nn
 from ih_circuits.adapters import white_box
 from ih_circuits.chain import validate_lags
 from ih_circuits.checkpoint import atomic_directory, check_fields, read_json, verify
+from ih_circuits.checks import check_int, check_real
+from ih_circuits.history import history_columns, read_history, subset_column, weight_column
 from ih_circuits.memory import items_per_chunk
 from ih_circuits.model import IHConfig, IHTransformer
 from ih_circuits.predictors import last_position_nll, next_token_nll
+from ih_circuits.seeds import derive_seed
 from ih_circuits.task import NGramTask
 from ih_circuits.theory import SelectionScores, selection_scores
 
@@ -52,12 +55,6 @@ ATTENTION_BYTES_PER_ENTRY = 64
 
 GROUPS = ("copier_position", "copier_token", "selector", "classifier", "all")
 OPTIMIZERS = ("sgd", "adam")
-
-
-def derive_seed(seed: int, *purpose: object) -> int:
-    """An independent 63-bit seed for one purpose (data at a step, evaluation, ...) of a run seed."""
-    digest = hashlib.sha256(":".join(map(str, (seed, *purpose))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -82,10 +79,8 @@ class Stage:
         object.__setattr__(self, "groups", tuple(self.groups))
         if not self.groups or any(g not in GROUPS for g in self.groups):
             raise ValueError(f"groups must be a non-empty subset of {GROUPS}; got {self.groups!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be an integer >= 0; got {self.steps!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        check_int(self.steps, "steps", 0)
+        check_real(self.lr, "lr", 0.0, low_open=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
 
@@ -123,17 +118,14 @@ class TrainConfig:
         if not self.stages or not all(isinstance(s, Stage) for s in self.stages):
             raise ValueError("stages must be a non-empty sequence of Stage")
         for name in ("batch_size", "dataset_size", "eval_size", "record_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+            check_int(getattr(self, name), name, 1)
         if self.objective not in ("last", "all"):
             raise ValueError(f"objective must be 'last' or 'all'; got {self.objective!r}")
         if self.loss not in ("log", "legacy"):
             raise ValueError(f"loss must be 'log' or 'legacy'; got {self.loss!r}")
         if self.data not in ("fresh", "fixed"):
             raise ValueError(f"data must be 'fresh' or 'fixed'; got {self.data!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0; got {self.seed!r}")
+        check_int(self.seed, "seed", 0)
 
     @property
     def total_steps(self) -> int:
@@ -187,24 +179,30 @@ def parameter_groups(model: nn.Module, groups: Sequence[str]) -> list[nn.Paramet
     return chosen
 
 
-def log_probs_at(model: nn.Module, tokens: Int[Tensor, "batch pos"], positions: str) -> Tensor:
-    """Log-probabilities of the next token: rows 0..T-1 (``"all"``) or the query row T-2 only (``"last"``).
+def query_log_probs(model: nn.Module, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
+    """Log-probabilities of the last token from the query row T-2.
 
-    ``IHTransformer`` evaluates the query row alone; any other model (an ordinary TransformerLens model
-    returning logits) runs in full and is sliced.
+    ``IHTransformer`` evaluates that row alone; any other model (an ordinary TransformerLens model returning
+    logits) runs in full and is sliced.
     """
     ours = white_box(model)
     if ours is not None:
-        return ours.log_probs_at(tokens, positions)
-    log_probs = torch.log_softmax(model(tokens), dim=-1)
-    return log_probs[:, -2:-1] if positions == "last" else log_probs
+        return ours.query_log_probs(tokens)
+    return torch.log_softmax(model(tokens)[:, -2], dim=-1)
+
+
+def every_row_log_probs(model: nn.Module, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+    """Log-probabilities of the next token at every row 0..T-1 (``IHTransformer`` returns them already)."""
+    output = model(tokens)
+    return output if white_box(model) is not None else torch.log_softmax(output, dim=-1)
 
 
 def objective_loss(model: nn.Module, tokens: Int[Tensor, "batch pos"], objective: str, loss: str) -> Tensor:
-    """Mean training loss over the supervised rows."""
-    log_probs = log_probs_at(model, tokens, objective)
-    rows = log_probs if objective == "last" else log_probs[:, :-1]
-    targets = tokens[:, -1:] if objective == "last" else tokens[:, 1:]
+    """Mean training loss over the supervised rows: the query row (``"last"``) or every row but the final one."""
+    if objective == "last":
+        rows, targets = query_log_probs(model, tokens)[:, None], tokens[:, -1:]
+    else:
+        rows, targets = every_row_log_probs(model, tokens)[:, :-1], tokens[:, 1:]
     if loss == "legacy":
         return legacy_loss(rows.exp().flatten(0, 1), targets.flatten()).mean()
     return -rows.gather(-1, targets[..., None]).mean()
@@ -223,25 +221,6 @@ def chunked_loss(model: nn.Module, tokens: Int[Tensor, "batch pos"], objective: 
         part = tokens[start : start + chunk]
         total += float(objective_loss(model, part, objective, "log")) * part.shape[0]
     return total / n_sequences
-
-
-HISTORY_COLUMNS = (
-    "step",
-    "stage",
-    "loss",
-    "eval_loss",
-    "bayes_loss",
-    "excess_loss",
-    "a",
-    "leading_subset",
-    "leading_lags",
-    "predicted_lags",
-)
-
-
-def subset_column(subset: tuple[int, ...]) -> str:
-    """History column of a selector subset: ``share[0,1]`` (heads, 0-based); ``share[]`` is the empty set."""
-    return "share[" + ",".join(map(str, subset)) + "]"
 
 
 @dataclass
@@ -334,8 +313,7 @@ class TrainingRun:
             task = _field(meta, "task", NGramTask.from_dict)
             config = _field(meta, "train_config", TrainConfig.from_dict)
             step = meta["step"]
-            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= config.total_steps:
-                raise ValueError(f"step must be an integer in 0..{config.total_steps} (planned steps); got {step!r}")
+            check_int(step, "step", 0, config.total_steps, high_text=f"{config.total_steps} (the planned steps)")
             if not isinstance(meta["interrupted"], bool):
                 raise ValueError(f"interrupted must be true or false; got {meta['interrupted']!r}")
             predicted = meta["predicted_lags"]
@@ -352,7 +330,7 @@ class TrainingRun:
                 f"{directory}: the model (model/config.json d_vocab={cfg.d_vocab}, n_ctx={cfg.n_ctx}) does not fit "
                 f"the task (run.json vocab_size={task.vocab_size}, seq_len={task.seq_len})"
             )
-        history = _read_history(directory / "history.csv", model) if "history.csv" in listed else pd.DataFrame()
+        history = read_history(directory / "history.csv", model) if "history.csv" in listed else pd.DataFrame()
         if len(history) and int(history["step"].iloc[-1]) > step:
             raise ValueError(f"{directory / 'history.csv'}: records step {history['step'].iloc[-1]} after step {step}")
         optimizer_state = None
@@ -378,41 +356,13 @@ def _field(data: dict[str, Any], name: str, parse: Callable[[Any], Any]) -> Any:
         raise ValueError(f"{name}: {error}") from None
 
 
-def history_columns(model: IHTransformer) -> list[str]:
-    """The columns a trajectory row of ``model`` has (``_Evaluator.row``)."""
-    cfg = model.config
-    weights = [f"w[{h},{m}]" for h in range(cfg.n_heads) for m in range(cfg.window)]
-    return [*HISTORY_COLUMNS, *(subset_column(s) for s in cfg.subsets), *weights]
-
-
-def _read_history(path: Path, model: IHTransformer) -> pd.DataFrame:
-    try:
-        history = pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError) as error:
-        raise ValueError(f"{path} is not a readable CSV table: {error}") from None
-    expected = history_columns(model)
-    if list(history.columns) != expected:
-        missing = sorted(set(expected) - set(history.columns))
-        unknown = sorted(set(history.columns) - set(expected))
-        raise ValueError(f"{path}: columns do not match the model: missing {missing}, unexpected {unknown}")
-    steps = history["step"]
-    if not pd.api.types.is_integer_dtype(steps) or (steps < 0).any() or not steps.is_monotonic_increasing:
-        raise ValueError(f"{path}: step must hold increasing non-negative integers; got {steps.tolist()[:5]}...")
-    numbers = [c for c in expected if c not in ("step", "stage", "leading_subset", "leading_lags", "predicted_lags")]
-    measured = [c for c in numbers if c != "loss"]  # the first row has no training loss yet
-    if not all(pd.api.types.is_float_dtype(history[c]) for c in numbers) or history[measured].isna().any().any():
-        raise ValueError(f"{path}: the columns {numbers} must hold numbers (loss may be empty in the first row)")
-    return history
-
-
 def _read_optimizer_state(path: Path, n_stages: int) -> dict[str, Any]:
     try:
         state = torch.load(path, weights_only=True)
     except Exception as error:  # torch.load raises several error types for a malformed file
         raise ValueError(f"{path} is not a readable optimizer state: {error}") from None
     stage = state.get("stage") if isinstance(state, dict) else None
-    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n_stages:
-        raise ValueError(f"{path}: stage must be an integer in 0..{n_stages - 1}; got {stage!r}")
+    check_int(stage, f"{path}: stage", 0, n_stages - 1)
     if not isinstance(state.get("state"), dict):
         raise ValueError(f"{path}: state must be an optimizer state_dict")
     return state
@@ -454,7 +404,7 @@ class _Evaluator:
             row.update({subset_column(s): v for s, v in shares.items()})
             weights = ours.copier_weights().cpu()
             for h in range(weights.shape[0]):
-                row.update({f"w[{h},{m}]": float(weights[h, m]) for m in range(weights.shape[1])})
+                row.update({weight_column(h, m): float(weights[h, m]) for m in range(weights.shape[1])})
         return row
 
 
@@ -521,6 +471,7 @@ def _run(run: TrainingRun, *, quiet: bool, callback: Callable[[TrainingRun], Non
     cfg, model = run.config, run.model
     if next(model.parameters()).device != torch.device(cfg.device):
         model.to(cfg.device)
+    was_training, frozen = model.training, [p for p in model.parameters() if not p.requires_grad]
     model.train()
     evaluator = _Evaluator(run)
     batch_at = _batches(run)
@@ -536,9 +487,10 @@ def _run(run: TrainingRun, *, quiet: bool, callback: Callable[[TrainingRun], Non
         run.interrupted = True
     finally:
         progress.close()
+        still_frozen = {id(p) for p in frozen}
         for p in model.parameters():
-            p.requires_grad_(True)
-        model.eval()
+            p.requires_grad_(id(p) not in still_frozen)
+        model.train(was_training)
         run.history = pd.DataFrame(rows)
     return run
 
@@ -620,7 +572,7 @@ def prediction_scores(model_config: IHConfig, task: NGramTask, seed: int) -> Sel
     return selection_scores(
         task.vocab_size,
         task.parents,
-        task.alpha,
+        prior=task.prior,
         n_kernels=PREDICTION_KERNELS,
         seed=derive_seed(seed, "theory") % 2**31,
         window=max(model_config.max_lag, task.order),
@@ -660,124 +612,3 @@ def train(
         parameter_groups(model, stage.groups)
     run = TrainingRun(model=model, task=task, config=config, predicted_lags=predicted)
     return _run(run, quiet=quiet, callback=callback)
-
-
-PRESETS: dict[str, dict[str, Any]] = {}
-
-
-def _preset(name: str, description: str, model: dict[str, Any], stages: list[Stage], **train_fields: Any) -> None:
-    PRESETS[name] = {"description": description, "model": model, "stages": stages, "train": train_fields}
-
-
-_preset(
-    "cwa",
-    "Joint training of the simplified model (PAPER.md §7, first bullet): all parameters, plain SGD.",
-    {},
-    [Stage(("all",), steps=300, lr=1.0, name="CWa")],
-)
-_preset(
-    "c_w_a",
-    "Three-stage training as the theory analyses it (PAPER.md §3): selector C, then copier W, then a.",
-    {},
-    [
-        Stage(("selector",), steps=150, lr=1.0, name="C"),
-        Stage(("copier_position",), steps=100, lr=1.0, name="W"),
-        Stage(("classifier",), steps=100, lr=1.0, name="a"),
-    ],
-)
-_preset(
-    "c_w_a_d3",
-    "Three-stage training with D = 3: the superset {1,2,3} rises, then loses to {1,2} (PAPER.md §7).",
-    {"max_degree": 3},
-    [
-        Stage(("selector",), steps=100, lr=1.0, name="C"),
-        Stage(("copier_position",), steps=100, lr=1.0, name="W"),
-        Stage(("classifier",), steps=100, lr=1.0, name="a"),
-    ],
-    record_every=2,
-)
-_preset(
-    "cw_a",
-    "Copier and selector together, then the classifier scale.",
-    {},
-    [
-        Stage(("copier_position", "selector"), steps=200, lr=1.0, name="CW"),
-        Stage(("classifier",), steps=100, lr=1.0, name="a"),
-    ],
-)
-_preset(
-    "full",
-    "The full (token-dependent) variant trained jointly with a smaller learning rate (PAPER.md §7).",
-    {"copier": "full"},
-    [Stage(("all",), steps=300, lr=0.3, name="full")],
-)
-
-_TASK_KEYS = {"vocab_size", "parents", "seq_len", "alpha", "init"}
-_MODEL_KEYS = {f for f in IHConfig.__dataclass_fields__} - {"d_vocab", "n_ctx", "device"}
-_TRAIN_KEYS = {"batch_size", "objective", "loss", "data", "dataset_size", "eval_size", "record_every", "device"}
-_STAGE_KEYS = {"lr", "optimizer", "steps"}
-OVERRIDE_KEYS = frozenset(_TASK_KEYS | _MODEL_KEYS | _TRAIN_KEYS | _STAGE_KEYS)
-"""Every keyword ``preset_parts`` (and ``train_preset``) accepts as an override."""
-
-
-def _split_steps(stages: list[Stage], total: int) -> list[int]:
-    """Scale the stages' steps to add up to ``total`` (largest-remainder rounding)."""
-    if isinstance(total, bool) or not isinstance(total, int) or total < len(stages):
-        raise ValueError(f"steps must be an integer >= {len(stages)} (one per stage); got {total!r}")
-    planned = sum(s.steps for s in stages)
-    exact = [s.steps * total / planned for s in stages]
-    counts = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(stages)), key=lambda i: counts[i] - exact[i])
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def preset_parts(name: str, *, seed: int = 0, **overrides: Any) -> tuple[IHTransformer, NGramTask, TrainConfig]:
-    """The model, task and training config of a preset, with overrides routed to where they belong.
-
-    Task: ``vocab_size, parents, seq_len, alpha, init``; model: any ``IHConfig`` field (``window``,
-    ``n_heads``, ``max_degree``, ``w_plus``, ...); training: ``batch_size, objective, loss, data,
-    dataset_size, eval_size, record_every, device``; every stage: ``lr``, ``optimizer``; ``steps`` scales
-    the stages so that they add up to that many steps.
-    """
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    unknown = set(overrides) - OVERRIDE_KEYS
-    if unknown:
-        raise ValueError(f"unknown overrides {sorted(unknown)} for preset {name!r}; allowed: {sorted(OVERRIDE_KEYS)}")
-    preset = PRESETS[name]
-    task_values = {"vocab_size": 3, "parents": (1, 2), "seq_len": 101, "alpha": 0.1}
-    task_values.update({k: v for k, v in overrides.items() if k in _TASK_KEYS})
-    model_values = {"n_heads": 3, "window": 3, "max_degree": 2, **preset["model"]}
-    model_values.update({k: v for k, v in overrides.items() if k in _MODEL_KEYS})
-    model_values["seed"] = model_values.get("seed", seed)
-    task_values["parents"] = tuple(task_values["parents"])
-    window = model_values["window"]
-    task = NGramTask(window=max(window, max(task_values["parents"], default=1)), **task_values)
-    device = overrides.get("device", "cpu")
-    cfg = IHConfig(d_vocab=task.vocab_size, n_ctx=task.seq_len, device=device, **model_values)
-    stages = list(preset["stages"])
-    if "steps" in overrides:
-        stages = [replace(s, steps=n) for s, n in zip(stages, _split_steps(stages, overrides["steps"]), strict=True)]
-    stage_changes = {k: overrides[k] for k in ("lr", "optimizer") if k in overrides}
-    stages = [replace(s, **stage_changes) for s in stages]
-    train_values = {"batch_size": 2048, **preset["train"]}
-    train_values.update({k: v for k, v in overrides.items() if k in _TRAIN_KEYS})
-    return IHTransformer(cfg), task, TrainConfig(stages=tuple(stages), seed=seed, **train_values)
-
-
-def train_preset(
-    name: str,
-    *,
-    seed: int = 0,
-    quiet: bool = False,
-    callback: Callable[[TrainingRun], None] | None = None,
-    **overrides: Any,
-) -> TrainingRun:
-    """Train one of the paper's runs by name: ``"cwa"``, ``"c_w_a"``, ``"c_w_a_d3"``, ``"cw_a"``, ``"full"``.
-
-    See ``PRESETS[name]["description"]`` and ``preset_parts`` for what can be overridden.
-    """
-    model, task, config = preset_parts(name, seed=seed, **overrides)
-    return train(model, task, config, quiet=quiet, callback=callback)

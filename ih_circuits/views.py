@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from ih_circuits.checkpoint import atomic_write_text
+from ih_circuits.history import copier_weights, selector_shares
 from ih_circuits.probes import DecompositionReport, ParentReport
 from ih_circuits.task import NGramTask
 
@@ -175,14 +177,9 @@ def _figure(width: float = 6.0, height: float = 3.2, ncols: int = 1, nrows: int 
     return figure, axes.flatten()
 
 
-def _share_columns(history: pd.DataFrame) -> list[str]:
-    return [c for c in history.columns if c.startswith("share[")]
-
-
-def _weights_from_history(row: pd.Series) -> torch.Tensor:
-    cells = {tuple(map(int, c[2:-1].split(","))): row[c] for c in row.index if c.startswith("w[")}
-    heads, lags = max(h for h, _ in cells) + 1, max(m for _, m in cells) + 1
-    return torch.tensor([[cells[(h, m)] for m in range(lags)] for h in range(heads)])
+def _heads_label(subset: tuple[int, ...]) -> str:
+    """``heads {0,1}`` (0-based heads, README glossary); ``heads {}`` for the empty subset."""
+    return "heads {" + ",".join(map(str, subset)) + "}"
 
 
 def plot_copier_weights(history: pd.DataFrame, lag_table: list[list[int]] | None = None) -> Figure:
@@ -192,11 +189,12 @@ def plot_copier_weights(history: pd.DataFrame, lag_table: list[list[int]] | None
     window slots and each head's row label lists its lags.
     """
     staggered = lag_table is not None and any(row != lag_table[0] for row in lag_table)
+    trajectory = copier_weights(history)
     figure, axes = _figure(7.5, 2.8, ncols=2)
-    for axis, (label, row) in zip(axes, [("before", history.iloc[0]), ("after", history.iloc[-1])], strict=True):
-        weights = _weights_from_history(row)
-        image = axis.imshow(weights.numpy(), vmin=0, vmax=1, cmap="Blues")
-        axis.set_title(f"{label} (step {int(row['step'])})")
+    for axis, (label, record) in zip(axes, [("before", 0), ("after", -1)], strict=True):
+        weights = trajectory.weights[record]
+        image = axis.imshow(weights, vmin=0, vmax=1, cmap="Blues")
+        axis.set_title(f"{label} (step {int(trajectory.steps[record])})")
         columns = [f"slot {m + 1}" if staggered else f"lag {m + 1}" for m in range(weights.shape[1])]
         rows = [
             f"head {h}" + (f" (lags {lag_table[h][0]}-{lag_table[h][-1]})" if staggered else "")
@@ -204,11 +202,7 @@ def plot_copier_weights(history: pd.DataFrame, lag_table: list[list[int]] | None
         ]
         axis.set_xticks(range(weights.shape[1]), columns)
         axis.set_yticks(range(weights.shape[0]), rows)
-        for (h, m), value in zip(
-            torch.cartesian_prod(torch.arange(weights.shape[0]), torch.arange(weights.shape[1])).tolist(),
-            weights.flatten().tolist(),
-            strict=True,
-        ):
+        for (h, m), value in np.ndenumerate(weights):
             axis.text(m, h, f"{value:.2f}", ha="center", va="center", fontsize=8)
     figure.colorbar(image, ax=list(axes), shrink=0.8)
     return figure
@@ -216,11 +210,11 @@ def plot_copier_weights(history: pd.DataFrame, lag_table: list[list[int]] | None
 
 def plot_selector_shares(history: pd.DataFrame, top: int = 5) -> Figure:
     """Selector shares c_S^2 / sum c^2 over training, the subsets that ever led (the paper's main figure)."""
-    columns = sorted(_share_columns(history), key=lambda c: -history[c].max())[:top]
+    trajectory = selector_shares(history)
+    leaders = sorted(range(len(trajectory.subsets)), key=lambda k: -trajectory.shares[:, k].max())[:top]
     figure, (axis,) = _figure()
-    for column in columns:
-        heads = column[6:-1] or "empty"
-        axis.plot(history["step"], history[column], label=f"heads {{{heads}}}")
+    for k in leaders:
+        axis.plot(trajectory.steps, trajectory.shares[:, k], label=_heads_label(trajectory.subsets[k]))
     axis.set_xlabel("step")
     axis.set_ylabel("share")
     axis.set_ylim(-0.02, 1.02)
@@ -231,10 +225,11 @@ def plot_selector_shares(history: pd.DataFrame, top: int = 5) -> Figure:
 
 def plot_final_shares(history: pd.DataFrame) -> Figure:
     """Selector shares at the last recorded step, one bar per subset."""
-    columns = _share_columns(history)
-    values = [history.iloc[-1][c] for c in columns]
+    trajectory = selector_shares(history)
     figure, (axis,) = _figure(6.0, 2.8)
-    axis.bar([c[5:] for c in columns], values, color="tab:blue")
+    labels = ["{" + ",".join(map(str, subset)) + "}" for subset in trajectory.subsets]
+    axis.bar(labels, trajectory.shares[-1], color="tab:blue")
+    axis.set_xlabel("subset of heads (0-based)")
     axis.set_ylabel("final share")
     axis.set_ylim(0, 1.05)
     axis.tick_params(axis="x", labelrotation=45)

@@ -13,7 +13,7 @@ import torch
 from ih_circuits import IHTransformer, NGramTask, TrainConfig, TrainingRun
 from ih_circuits.checkpoint import MANIFEST, write_manifest
 from ih_circuits.cli import main
-from ih_circuits.training import history_columns
+from ih_circuits.history import history_columns
 from tests.model.helpers import tiny_config
 
 TASK = NGramTask(vocab_size=3, parents=(1, 2), seq_len=20)
@@ -140,12 +140,13 @@ def test_bad_targets_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
     def must_not_train(*args, **kwargs):
         raise AssertionError("training started although the output directory is refused")
 
-    monkeypatch.setattr("ih_circuits.training.train_preset", must_not_train)
+    monkeypatch.setattr("ih_circuits.presets.train_preset", must_not_train)
     assert main(["train", "--preset", "cwa", "--steps", "300", "--quiet", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0]
 
 
+@pytest.mark.e2e
 def test_random_kills_during_saves_never_leave_a_mix(tmp_path):
     """A forked child saves two different runs in turn into one directory until it is SIGKILLed at a random
     moment; 100 times. Each time the directory loads to exactly one of the two saves, or refuses clearly."""

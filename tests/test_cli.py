@@ -134,7 +134,7 @@ def test_unwritable_output_directory_is_refused_before_training(capsys, monkeypa
     def must_not_train(*args, **kwargs):
         raise AssertionError("training started although the output directory cannot be written")
 
-    monkeypatch.setattr("ih_circuits.training.train_preset", must_not_train)
+    monkeypatch.setattr("ih_circuits.presets.train_preset", must_not_train)
     assert main([*TRAIN, "--out", "/proc/ih-circuits-run"]) == 2
     assert "/proc is not a writable directory" in one_error_line(capsys)
 

@@ -14,6 +14,7 @@ def test_there_are_examples():
     assert {p.name for p in EXAMPLES} >= {"train_and_probe.py", "patch_your_own_model.py", "make_report.py"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
     env = {**os.environ, "IH_CIRCUITS_FAST": "1"}

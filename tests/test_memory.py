@@ -81,6 +81,7 @@ def test_chunked_theory_equals_one_batch(small_chunks, monkeypatch):
     monkeypatch.setattr(memory, "CHUNK_BYTES", 2**40)
     whole = selection_scores(3, (1, 2), 0.3, n_kernels=40, window=3, seed=1)
     for subset, value in whole.modified.items():
+        # float64 sums in another order: measured relative difference 3e-16 (abs for the empty set's exact 0).
         assert chunked.modified[subset] == pytest.approx(value, rel=1e-12, abs=1e-15)
         assert chunked.chi2[subset] == pytest.approx(whole.chi2[subset], rel=1e-12, abs=1e-15)
 
@@ -89,6 +90,7 @@ def test_chunked_stationary_law_equals_one_batch(small_chunks, monkeypatch):
     kernels = ih.DirichletPrior(0.5).sample_rows(9, 9, 3, torch.Generator().manual_seed(0), torch.float64)
     chunked = stationary_window_law(kernels, (1, 2), 3, 4)
     monkeypatch.setattr(memory, "CHUNK_BYTES", 2**40)
+    # float64, same operations per kernel: measured bit-equal; 1e-14 allows reordered sums.
     torch.testing.assert_close(chunked, stationary_window_law(kernels, (1, 2), 3, 4), rtol=0, atol=1e-14)
 
 
@@ -100,7 +102,7 @@ def test_both_ways_of_counting_histories_agree_exactly(d_vocab, lags, first):
     n_codes = d_vocab ** len(lags) * d_vocab
     by_cumsum = _counts_by_cumsum(tokens, codes, d_vocab, n_codes, start)
     assert torch.equal(by_cumsum, _counts_by_matches(tokens, codes, d_vocab, n_codes, start))
-    assert by_cumsum.sum() > 0
+    assert by_cumsum.sum() > 0  # not vacuous: some histories were counted
 
 
 def test_history_counts_in_chunks_equal_one_batch(small_chunks, monkeypatch):
@@ -116,6 +118,7 @@ def test_chunked_subset_sum_matches_the_direct_sum_and_its_gradient():
     shares = torch.rand(11, dtype=torch.float64, generator=generator, requires_grad=True)
     subsets = [s for size in range(3) for s in combinations(range(4), size)]
     assert torch.autograd.gradcheck(lambda g, w: ChunkedSubsetSum.apply(g, w, subsets, 3), (similarity, shares))
+    # float64 defaults of assert_close (rtol 1e-7, atol 1e-7): the same products summed in another order.
     torch.testing.assert_close(
         ChunkedSubsetSum.apply(similarity, shares, subsets, 3), _weighted_products(similarity, shares, subsets)
     )
@@ -133,6 +136,7 @@ def test_model_loss_and_gradients_do_not_depend_on_the_chunking(small_chunks, mo
     chunked = loss_and_grads(ih.IHTransformer(cfg))
     monkeypatch.setattr(memory, "CHUNK_BYTES", 2**40)
     whole = loss_and_grads(ih.IHTransformer(cfg))
+    # float64 sums in another order: measured loss bit-equal, gradients within 3e-14 relative (4e-18 absolute).
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-12, atol=0)
     for a, b in zip(chunked[1], whole[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
@@ -144,6 +148,7 @@ def test_evaluation_in_chunks_equals_one_batch(small_chunks, paper_task):
     for objective in ("last", "all"):
         with torch.no_grad():
             whole = float(objective_loss(model, tokens, objective, "log"))
+        # float32 means over chunks vs one batch: measured relative difference 3e-8 (last), 8e-8 (all).
         assert chunked_loss(model, tokens, objective) == pytest.approx(whole, rel=1e-6)
 
 
@@ -169,4 +174,6 @@ def peak_bytes_of(statements: str) -> int:
 )
 def test_large_configurations_train_under_2_gb(statements):
     peak = peak_bytes_of(f"{statements}\nassert run.finished and run.history['eval_loss'].notna().all()")
+    # The budget (the vocab-20 case needed 6.6 GB before chunking); measured peaks 1.07 GB and 0.60 GB,
+    # including the Python, torch and ih_circuits imports.
     assert peak < 2 * 10**9

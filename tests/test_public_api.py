@@ -1,16 +1,29 @@
 """The public surface: what README documents is importable, and nothing heavy loads on import."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import ih_circuits
 
 
-def test_all_names_resolve():
-    for name in ih_circuits.__all__:
-        assert getattr(ih_circuits, name) is not None, name
+def test_every_name_the_readme_uses_resolves_through_all():
+    """Each ``ih.X.Y`` in README.md starts with a name in ``__all__`` and resolves attribute by attribute."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    chains = set(re.findall(r"\bih\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)", readme))
+    assert len(chains) >= 20  # the README's tour names at least this many
+    for chain in sorted(chains):
+        head, *rest = chain.split(".")
+        assert head in ih_circuits.__all__, chain
+        value = getattr(ih_circuits, head)
+        for name in rest:
+            value = getattr(value, name)
 
 
+@pytest.mark.e2e  # a fresh interpreter importing torch: seconds
 def test_import_does_not_load_plotting_libraries_or_ray():
     code = "import sys, ih_circuits; print(any(m in sys.modules for m in ('matplotlib', 'circuitsvis', 'ray')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -14,6 +14,8 @@ import pytest
 
 import ih_circuits as ih
 
+pytestmark = pytest.mark.e2e
+
 FLAGS = [
     "--headless",
     "--no-sandbox",

@@ -22,6 +22,7 @@ def test_attention_views_inline_the_bundle_and_mark_lags(run):
     classifier = views.attention_view(run.model, tokens, layer=1, task=run.task)
     for view in (copier, classifier):
         html = view._repr_html_()
+        # The bundle (circuitsvis dist/cdn/iife.js) is 1.30 MB; without it a view measures 14-21 kB.
         assert "CircuitsVis.render" in html and len(html) > 1_000_000  # the whole bundle is inline
         assert not CDN.search(html)
     assert '"head 0 (lag 1)"' in copier.html and '"head 1 (lag 2)"' in copier.html
@@ -30,7 +31,7 @@ def test_attention_views_inline_the_bundle_and_mark_lags(run):
 
 
 def test_attention_view_rejects_a_bad_layer(run):
-    with pytest.raises(ValueError, match="layer must be an integer in 0..1; got 2"):
+    with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 1\]; got 2"):
         views.attention_data(run.model, run.task.sample(1, seed=0).tokens, layer=2)
 
 

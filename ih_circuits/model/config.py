@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -12,20 +11,11 @@ import torch
 from transformer_lens.config import TransformerLensConfig
 
 from ih_circuits.checkpoint import check_fields
+from ih_circuits.checks import check_int, check_real
 
 COPIERS = ("positional", "full")
 LAYOUTS = ("shared", "staggered")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-
-
-def _check_real(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -75,22 +65,19 @@ class IHConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_int("d_vocab", self.d_vocab, 2)
-        _check_int("n_ctx", self.n_ctx, 2)
-        _check_int("n_heads", self.n_heads, 1)
-        _check_int("window", self.window, 1)
-        _check_int("seed", self.seed, 0)
-        if isinstance(self.max_degree, bool) or not isinstance(self.max_degree, int):
-            raise ValueError(f"max_degree must be an integer in 0..n_heads={self.n_heads}; got {self.max_degree!r}")
-        if not 0 <= self.max_degree <= self.n_heads:
-            raise ValueError(f"max_degree must be in 0..n_heads={self.n_heads}; got {self.max_degree}")
+        check_int(self.d_vocab, "d_vocab", 2)
+        check_int(self.n_ctx, "n_ctx", 2)
+        check_int(self.n_heads, "n_heads", 1)
+        check_int(self.window, "window", 1)
+        check_int(self.seed, "seed", 0)
+        check_int(self.max_degree, "max_degree", 0, self.n_heads, high_text=f"n_heads={self.n_heads}")
         if self.copier not in COPIERS:
             raise ValueError(f"copier must be one of {COPIERS}; got {self.copier!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}; got {self.layout!r}")
         for name in ("w_plus", "w_minus", "c_init", "a_init"):
-            _check_real(name, getattr(self, name))
-        _check_real("prob_floor", self.prob_floor)
+            check_real(getattr(self, name), name)
+        check_real(self.prob_floor, "prob_floor")
         if not 0 <= self.prob_floor < 1:
             raise ValueError(f"prob_floor must be in [0, 1); got {self.prob_floor}")
         if self.dtype not in DTYPES:

@@ -37,13 +37,13 @@ from transformer_lens.hook_points import HookPoint
 
 from ih_circuits.chain import validate_lags
 from ih_circuits.checkpoint import atomic_directory, read_json, verify
+from ih_circuits.checks import check_real, check_tokens
 from ih_circuits.memory import memory_limit
 from ih_circuits.model.cache import IHActivationCache
 from ih_circuits.model.classifier import Classifier
 from ih_circuits.model.config import IHConfig
 from ih_circuits.model.copier import Copier, Lookup, all_windows, window_codes
 from ih_circuits.model.selector import Selector
-from ih_circuits.task import check_tokens
 
 LogProbs = Float[Tensor, "batch pos d_vocab"]
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -168,10 +168,18 @@ class IHTransformer(HookedRootModule):
         chosen = log_probs[:, -targets.shape[1] :] if loss_positions == "last" else log_probs[:, :-1]
         return -chosen.gather(-1, targets[..., None].to(chosen.device)).mean()
 
-    def log_probs_at(
-        self, tokens: Int[Tensor, "batch pos"], positions: str = "all"
-    ) -> Float[Tensor, "batch query_pos d_vocab"]:
-        """Log-probabilities at every row (``"all"``), or only at the query row T-2 (``"last"``, shape [batch, 1, d]).
+    def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
+        """log p(x_{T-1} = e | x_0..x_{T-2}): the query row T-2 alone, the row the paper's objective scores.
+
+        ``model(tokens)`` gives every row; this computes only the query row when no hook is attached.
+        """
+        self.check_tokens(tokens)
+        if tokens.shape[1] < 2:
+            raise ValueError(f"the query row T-2 needs at least 2 positions; got {tokens.shape[1]}")
+        return self._log_probs(tokens, "last")[:, 0]
+
+    def _log_probs(self, tokens: Int[Tensor, "batch pos"], positions: str) -> Float[Tensor, "batch query_pos d_vocab"]:
+        """Log-probabilities at every row (``"all"``) or the query row only (``"last"``, one row), tokens checked.
 
         Without hooks nothing of size [pos, pos] is built: K is tabulated over the lag windows' codes when that
         table is small (``MAX_WINDOW_CODES``) and layer 2 reads the table (the query row) or counts of (code,
@@ -180,17 +188,6 @@ class IHTransformer(HookedRootModule):
         every row is computed and the layers whose hooks are attached build their dense activations; ``"last"``
         then slices the query row out. All paths agree to float precision.
         """
-        if positions not in ("all", "last"):
-            raise ValueError(f"positions must be 'all' or 'last'; got {positions!r}")
-        self.check_tokens(tokens)
-        if positions == "last" and tokens.shape[1] < 2:
-            raise ValueError(
-                f"positions='last' needs at least 2 positions (the query row is T-2); got {tokens.shape[1]}"
-            )
-        return self._log_probs(tokens, positions)
-
-    def _log_probs(self, tokens: Int[Tensor, "batch pos"], positions: str) -> Float[Tensor, "batch query_pos d_vocab"]:
-        """``log_probs_at`` on tokens already checked."""
         n_pos = tokens.shape[1]
         tokens = tokens.to(self.copier.w_pos.device).long()
         if not self._hooked():
@@ -435,8 +432,7 @@ def ideal_model(cfg: IHConfig, lags: tuple[int, ...] = (1, 2), a: float = 5.0) -
             f"lags {lags} need {len(lags)} heads and max_degree >= {len(lags)}; "
             f"the config has n_heads={cfg.n_heads}, max_degree={cfg.max_degree}"
         )
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or not abs(a) < float("inf"):
-        raise ValueError(f"a must be a finite number; got {a!r}")
+    check_real(a, "a")
     model = IHTransformer(cfg)
     table = cfg.lag_table
     with torch.no_grad():

@@ -36,9 +36,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ih_circuits.adapters import TransformerLensAdapter, adapt
+from ih_circuits.checks import check_int
 from ih_circuits.predictors import kl_divergence, unigram_predictive
 from ih_circuits.probes.data import Data, ProbeData, probe_data, resample_positions
-from ih_circuits.training import derive_seed
+from ih_circuits.seeds import derive_seed
 
 FLOOR_NATS = 0.01
 
@@ -134,9 +135,7 @@ def check_max_lag(max_lag: int | None, data: ProbeData) -> int:
     """``max_lag`` or the data's default, checked against the sequence length (lag s reads position T-1-s)."""
     if max_lag is None:
         return data.max_lag()
-    if isinstance(max_lag, bool) or not isinstance(max_lag, int) or not 1 <= max_lag <= data.seq_len - 2:
-        raise ValueError(f"max_lag must be an integer in 1..seq_len-2={data.seq_len - 2}; got {max_lag!r}")
-    return max_lag
+    return check_int(max_lag, "max_lag", 1, data.seq_len - 2, high_text=f"seq_len-2={data.seq_len - 2}")
 
 
 def lag_effects(
@@ -238,8 +237,11 @@ def behavioural_probe(
 def query_nlls(
     tokens: Int[Tensor, "batch pos"], model_log_probs: Float[Tensor, "batch d_vocab"], data: ProbeData, d_vocab: int
 ) -> dict[str, Float[Tensor, " batch"]]:
-    """Per-sequence query-row loss (nats) on the last token: the model's, the in-context unigram's (pseudo-count =
-    the task's alpha, else 0.1) and, for n-gram data, the Bayes predictor's."""
+    """Per-sequence query-row loss (nats) on the last token: the model's, the in-context unigram's and, for n-gram
+    data, the Bayes predictor's (under the task's prior).
+
+    The unigram is a smoothed baseline, not a Bayes predictor: (N(e) + alpha) / (t + 1 + d alpha) with alpha the
+    task's ``alpha`` field (0.1 without a task), whatever the prior."""
     target = tokens[:, -1:]
     task = data.task
     alpha = task.alpha if task is not None else 0.1

@@ -15,9 +15,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ih_circuits.checks import check_int, check_tokens
+from ih_circuits.seeds import derive_seed
 from ih_circuits.sources import DataSource, sample_tokens
-from ih_circuits.task import NGramTask, check_tokens
-from ih_circuits.training import derive_seed
+from ih_circuits.task import NGramTask
 
 if TYPE_CHECKING:
     from ih_circuits.adapters import TransformerLensAdapter
@@ -58,15 +59,8 @@ class ProbeData:
         """Sequences for one probe: the fixed tokens, or ``n_sequences`` drawn with a seed derived for ``purpose``."""
         if self.tokens is not None:
             return self.tokens.to(device)
-        if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 8:
-            raise ValueError(f"n_sequences must be an integer >= 8; got {n_sequences!r}")
+        check_int(n_sequences, "n_sequences", 8)
         return sample_tokens(self.source, n_sequences, seed=derive_seed(seed, purpose)).to(device)
-
-
-def _positive_int(value: object, name: str, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive integer; got {value!r}")
-    return value
 
 
 def probe_data(data: Data, adapter: TransformerLensAdapter) -> ProbeData:
@@ -90,8 +84,8 @@ def probe_data(data: Data, adapter: TransformerLensAdapter) -> ProbeData:
             f"integer token tensor [batch, pos]; got {type(data).__name__}"
         )
     owner = type(data).__name__
-    vocab_size = _positive_int(data.vocab_size, "vocab_size", owner)
-    seq_len = _positive_int(data.seq_len, "seq_len", owner)
+    vocab_size = check_int(data.vocab_size, f"{owner}.vocab_size", 1)
+    seq_len = check_int(data.seq_len, f"{owner}.seq_len", 1)
     if vocab_size > adapter.d_vocab:
         raise ValueError(f"{owner}.vocab_size={vocab_size} exceeds the model's d_vocab={adapter.d_vocab}")
     if adapter.exact_vocab and vocab_size != adapter.d_vocab:

@@ -55,7 +55,7 @@ def theory_prediction(
     predicted = predicted_parent_set(
         vocab_size=d,
         parents=task.parents,
-        alpha=task.alpha,
+        prior=task.prior,
         window=window,
         max_degree=budget,
         n_kernels=THEORY_KERNELS,

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from ih_circuits.adapters import TransformerLensAdapter, adapt
+from ih_circuits.checks import check_int
 from ih_circuits.probes.data import Data, probe_data, resample_positions
-from ih_circuits.training import derive_seed
+from ih_circuits.seeds import derive_seed
 
 MAX_ROWS = 2048  # sequences per patched forward (copies x batch)
 
@@ -31,8 +32,7 @@ def head_patching(model: nn.Module, data: Data, lag: int, *, n_sequences: int = 
     """
     adapter = adapt(model)
     resolved = probe_data(data, adapter)
-    if isinstance(lag, bool) or not isinstance(lag, int) or not 1 <= lag <= resolved.seq_len - 2:
-        raise ValueError(f"lag must be an integer in 1..seq_len-2={resolved.seq_len - 2}; got {lag!r}")
+    check_int(lag, "lag", 1, resolved.seq_len - 2, high_text=f"seq_len-2={resolved.seq_len - 2}")
     clean = resolved.tokens_for(n_sequences, seed, "head_patching", adapter.device)
     generator = torch.Generator().manual_seed(derive_seed(seed, "head_patching_resample") % 2**62)
     corrupted = resample_positions(clean, [clean.shape[1] - 1 - lag], generator)[0]

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from ih_circuits.presets import preset_parts
 from ih_circuits.probes import decomposition_test
 from ih_circuits.sweep.spec import RunSpec, format_value
-from ih_circuits.training import TrainingRun, prediction_scores, preset_parts, train
+from ih_circuits.training import TrainingRun, prediction_scores, train
 
 RUN_DIRECTORY = "run"
 

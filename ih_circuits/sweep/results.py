@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from ih_circuits.checkpoint import atomic_write_text
-from ih_circuits.training import OVERRIDE_KEYS
+from ih_circuits.presets import OVERRIDE_KEYS
 
 RESULTS_FILE = "results.csv"
 LAG_COLUMNS = ("parents", "predicted_lags", "selected_lags", "found_lags")

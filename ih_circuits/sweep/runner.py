@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from ih_circuits.checks import check_int
 from ih_circuits.sweep.backends import BACKENDS, available_cores, run_local, run_ray
 from ih_circuits.sweep.results import results_frame, write_results
 from ih_circuits.sweep.spec import SweepSpec
@@ -66,8 +67,8 @@ def run_sweep(
     spec = as_spec(spec)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be an integer >= 1; got {workers!r}")
+    if workers is not None:
+        check_int(workers, "workers", 1)
     if address is not None and backend != "ray":
         raise ValueError(f"address={address!r} is for backend='ray'; backend is {backend!r}")
     directory = prepare(out, spec, overwrite=overwrite)

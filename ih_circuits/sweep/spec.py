@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ih_circuits.training import PRESETS, preset_parts
+from ih_circuits.checks import check_int, is_int
+from ih_circuits.presets import PRESETS, preset_parts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -104,7 +105,7 @@ class SweepSpec:
         if (
             not isinstance(seeds, (list, tuple))
             or not seeds
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+            or not all(is_int(s) and s >= 0 for s in seeds)
             or len(set(seeds)) != len(seeds)
         ):
             raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0; got {seeds!r}")
@@ -117,6 +118,11 @@ class SweepSpec:
         fixed = dict(data.get("fixed", {}))
         if "steps" in data:
             fixed["steps"] = data["steps"]
+        if "prior" in grid or "prior" in fixed:
+            raise ValueError(
+                "prior is not a sweep override: a sweep's tasks use Dirichlet(alpha), so vary alpha; train a task "
+                "with another prior through train_preset(..., prior=...) or NGramTask(..., prior=...)"
+            )
         both = set(grid) & set(fixed)
         if both:
             raise ValueError(f"{sorted(both)} are both in grid and fixed (or steps); give each override once")
@@ -124,8 +130,7 @@ class SweepSpec:
         if not isinstance(probe, Mapping) or set(probe) - PROBE_KEYS:
             raise ValueError(f"probe must be a table with keys from {sorted(PROBE_KEYS)}; got {probe!r}")
         n_sequences = probe.get("n_sequences", 256)
-        if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 16:
-            raise ValueError(f"probe.n_sequences must be an integer >= 16; got {n_sequences!r}")
+        check_int(n_sequences, "probe.n_sequences", 16)
         spec = cls(
             preset=preset,
             seeds=tuple(seeds),

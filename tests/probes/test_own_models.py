@@ -27,7 +27,11 @@ def circuit_for(lags, n_layers=2):
     return induction_circuit(lags, d_vocab=data.vocab_size, n_ctx=data.seq_len, n_layers=n_layers), data
 
 
-@pytest.mark.parametrize("n_layers", [2, 3])
+# Depth 2 in the fast tier; depth 3 (the same probes through one more block, seconds each) in the e2e tier.
+DEPTHS = [2, pytest.param(3, marks=pytest.mark.e2e)]
+
+
+@pytest.mark.parametrize("n_layers", DEPTHS)
 @pytest.mark.parametrize("lags", [(1,), (1, 2), (1, 3)], ids=str)
 def test_find_parents_reports_the_wired_history(lags, n_layers):
     model, data = circuit_for(lags, n_layers)
@@ -35,11 +39,12 @@ def test_find_parents_reports_the_wired_history(lags, n_layers):
     assert report.lags == lags and report.matches_truth
     effects = report.query_effects
     # The wired lags move the prediction by nats; the others only through the query row's own key (< 0.1).
+    # Measured: wired lags >= 6.8 nats, the others <= 0.050 (lags (1,)), 0.016 and 0.008; a 2x margin at least.
     assert min(effects[s] for s in lags) > 3.0
     assert max(effects[s] for s in effects if s not in lags) < 0.1
 
 
-@pytest.mark.parametrize("n_layers", [2, 3])
+@pytest.mark.parametrize("n_layers", DEPTHS)
 @pytest.mark.parametrize("lags", [(1,), (1, 2), (1, 3)], ids=str)
 def test_scan_heads_names_the_wired_heads(lags, n_layers):
     model, data = circuit_for(lags, n_layers)
@@ -48,6 +53,7 @@ def test_scan_heads_names_the_wired_heads(lags, n_layers):
     roles = {(int(r.layer), int(r.head)): r for r in frame.itertuples()}
     for head, offset in copier_heads(lags).items():
         row = roles[(0, head)]
+        # Exact hand-wired heads: measured copier score and induction lift 1.0 in every case.
         assert row.role == "copier" and row.offset == offset and row.copier_score > 0.95
     layer, head = induction_head_location(lags, n_layers)
     assert roles[(layer, head)].role == "induction" and roles[(layer, head)].induction_lift > 0.99

@@ -25,6 +25,7 @@ def repeated_model():
     return model, losses
 
 
+@pytest.mark.e2e
 def test_training_on_repeated_tokens_forms_an_induction_circuit(repeated_model):
     model, losses = repeated_model
     # A uniform guess costs log 32 = 3.47 nats; copying the second repeat makes about half the positions free.
@@ -36,6 +37,7 @@ def test_training_on_repeated_tokens_forms_an_induction_circuit(repeated_model):
     assert set(heads[heads["role"] == "induction"]["layer"]) == {1}
 
 
+@pytest.mark.e2e
 def test_trained_model_conditions_on_the_current_token_not_on_the_period(repeated_model):
     model, _ = repeated_model
     # Lags up to 14 include every "period lag" p + 1 (p = 4..12): where the earlier copy of the current token sits.

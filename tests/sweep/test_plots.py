@@ -214,6 +214,7 @@ def test_no_text_overlaps_or_leaves_the_figure():
             assert not box_a.overlaps(box_b), (a, b)
 
 
+@pytest.mark.e2e  # a fresh interpreter importing torch: seconds
 def test_importing_the_sweep_package_does_not_load_matplotlib():
     code = "import sys, ih_circuits.sweep; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

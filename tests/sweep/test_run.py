@@ -13,10 +13,14 @@ import pytest
 
 from ih_circuits import TrainingRun, theory
 from ih_circuits.probes import find_parents
+from ih_circuits.seeds import derive_seed
 from ih_circuits.sweep import agreement_rate, cell_table, disagreements, load_results, run_sweep
 from ih_circuits.sweep.execute import selected_lags
 from ih_circuits.sweep.store import RECORD, RUNS
-from ih_circuits.training import PREDICTION_KERNELS, derive_seed
+from ih_circuits.training import PREDICTION_KERNELS
+
+# Every test here runs sweeps in spawned worker processes or on Ray (the module fixture alone takes seconds).
+pytestmark = pytest.mark.e2e
 
 # Two cells that train (30 steps is enough for the selector to lead with the true pair at d = 3, alpha 0.05:
 # the paper's model picks it within the first 10-20 steps), and two whose batch the memory budget refuses.

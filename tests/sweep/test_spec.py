@@ -64,6 +64,7 @@ def test_toml_spec_is_the_dict_spec(tmp_path):
         ({"preset": "cwa", "grid": {"alpha": [0.1, 0.1]}}, "grid values repeat: runs ['alpha=0.1_seed=0']"),
         ({"preset": "cwa", "fixed": {"alpha": float("nan")}}, "fixed.alpha must be finite"),
         ({"preset": "cwa", "color": 1}, "unknown spec keys ['color']"),
+        ({"preset": "cwa", "fixed": {"prior": {"kind": "sparse_support"}}}, "prior is not a sweep override"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_key(data, message):
