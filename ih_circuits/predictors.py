@@ -276,22 +276,74 @@ def model_averaging_predictive(
     return model_averaging(tokens, candidate_parent_sets(window, max_size), alpha, d_vocab=d_vocab).probs
 
 
-def next_token_nll(probs: Probs, tokens: Tokens) -> Float[Tensor, "batch pos_minus_one"]:
-    """-log p_t(x_{t+1}) for rows t = 0..T-2 (row t scored against tokens[:, t+1]); +inf where p = 0."""
+SCORE_KINDS = ("auto", "probs", "log_probs")
+# A row is a distribution when its total (probabilities) or its logsumexp (log-probabilities) is this close to 1
+# or 0: float32 sums over a vocabulary of thousands err by ~1e-5, anything unnormalised (logits) by far more.
+ROW_TOLERANCE = 1e-3
+
+
+def log_probabilities(
+    scores: Float[Tensor, "*rows d_vocab"], kind: str = "auto", name: str = "probs"
+) -> Float[Tensor, "*rows d_vocab"]:
+    """``scores`` as log-probabilities, from probabilities or log-probabilities, refusing anything else.
+
+    ``kind="auto"`` decides by the values: non-negative rows summing to 1 are probabilities, non-positive rows
+    with logsumexp 0 are log-probabilities (no row can be both). Logits, NaN, or a ``kind`` the values
+    contradict raise ``ValueError`` naming ``name`` before anything is scored.
+
+    >>> log_probabilities(torch.tensor([[0.5, 0.5]])).exp().tolist()
+    [[0.5, 0.5]]
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"kind must be one of {SCORE_KINDS}; got {kind!r}")
+    if torch.isnan(scores.detach()).any():
+        raise ValueError(f"{name} contains NaN")
+    values = scores.detach()
+    as_probs = bool((values >= 0).all()) and bool(((values.sum(-1) - 1).abs() <= ROW_TOLERANCE).all())
+    as_log = bool((values <= 0).all()) and bool((values.logsumexp(-1).abs() <= ROW_TOLERANCE).all())
+    if kind == "auto" and not (as_probs or as_log):
+        raise ValueError(
+            f"{name} must be probabilities (non-negative rows summing to 1) or log-probabilities (rows with "
+            f"logsumexp 0); got rows summing to {float(values.sum(-1).min()):.4g}..{float(values.sum(-1).max()):.4g}"
+            " (logits? apply torch.log_softmax(logits, dim=-1))"
+        )
+    if kind == "probs" and not as_probs:
+        raise ValueError(f"{name} with kind='probs' must be non-negative rows summing to 1")
+    if kind == "log_probs" and not as_log:
+        raise ValueError(f"{name} with kind='log_probs' must be non-positive rows with logsumexp 0")
+    return scores.log() if as_probs and kind != "log_probs" else scores
+
+
+def next_token_nll(probs: Probs, tokens: Tokens, *, kind: str = "auto") -> Float[Tensor, "batch pos_minus_one"]:
+    """-log p_t(x_{t+1}) for rows t = 0..T-2 (row t scored against tokens[:, t+1]); +inf where p = 0.
+
+    ``probs`` may be probabilities (the predictors here) or log-probabilities (``IHTransformer``'s output):
+    ``kind="auto"`` tells them apart and refuses logits (see ``log_probabilities``).
+    """
     _check_pair(probs, tokens)
-    return -probs[:, :-1].gather(2, tokens[:, 1:, None].long())[..., 0].log()
+    log_probs = log_probabilities(probs[:, :-1], kind)
+    return -log_probs.gather(2, tokens[:, 1:, None].long().to(probs.device))[..., 0]
 
 
-def last_position_nll(probs: Probs, tokens: Tokens) -> Float[Tensor, " batch"]:
-    """The paper's objective: -log p(x_T | x_0..x_{T-1}) = row T-2 against the final token."""
-    return next_token_nll(probs, tokens)[:, -1]
+def last_position_nll(probs: Probs, tokens: Tokens, *, kind: str = "auto") -> Float[Tensor, " batch"]:
+    """The paper's objective: -log p(x_T | x_0..x_{T-1}) = row T-2 against the final token.
+
+    Probabilities or log-probabilities, as ``next_token_nll``.
+    """
+    return next_token_nll(probs, tokens, kind=kind)[:, -1]
 
 
-def kl_divergence(p: Float[Tensor, "*rows d_vocab"], q: Float[Tensor, "*rows d_vocab"]) -> Float[Tensor, "*rows"]:
-    """KL(p || q) = sum_e p(e) log(p(e) / q(e)) over the last axis, with 0 log 0 = 0."""
+def kl_divergence(
+    p: Float[Tensor, "*rows d_vocab"], q: Float[Tensor, "*rows d_vocab"], *, kind: str = "auto"
+) -> Float[Tensor, "*rows"]:
+    """KL(p || q) = sum_e p(e) log(p(e) / q(e)) over the last axis, with 0 log 0 = 0.
+
+    ``p`` and ``q`` are each probabilities or log-probabilities (``kind``, as ``log_probabilities``).
+    """
     if p.shape != q.shape:
         raise ValueError(f"p and q must have the same shape; got {tuple(p.shape)} and {tuple(q.shape)}")
-    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
+    log_p, log_q = log_probabilities(p, kind, "p"), log_probabilities(q, kind, "q")
+    return torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), torch.zeros_like(log_p)).sum(-1)
 
 
 def accuracy(probs: Probs, tokens: Tokens) -> Float[Tensor, "batch pos_minus_one"]:

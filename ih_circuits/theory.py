@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import einops
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -110,6 +111,26 @@ class SelectionScores:
         """argmax_S I~(S) over the candidates with at most ``max_degree`` lags."""
         allowed = {s: v for s, v in self.modified.items() if max_degree is None or len(s) <= max_degree}
         return max(allowed, key=lambda s: (allowed[s], -len(s)))
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per candidate lag set, in candidate order: ``lags`` (a tuple, () for the empty set), ``size``,
+        ``modified``, ``modified_stderr``, ``chi2``, ``chi2_stderr``.
+
+        >>> scores = selection_scores(3, (1,), 0.1, n_kernels=20, window=2)
+        >>> scores.to_dataframe()["lags"].tolist()
+        [(), (1,), (2,), (1, 2)]
+        """
+        subsets = list(self.modified)
+        return pd.DataFrame(
+            {
+                "lags": pd.Series(subsets, dtype=object),
+                "size": [len(s) for s in subsets],
+                "modified": [self.modified[s] for s in subsets],
+                "modified_stderr": [self.modified_stderr[s] for s in subsets],
+                "chi2": [self.chi2[s] for s in subsets],
+                "chi2_stderr": [self.chi2_stderr[s] for s in subsets],
+            }
+        )
 
 
 def _window_joint(law: Float[Tensor, "kernel state"], d_vocab: int, window: int) -> Tensor:

@@ -1,5 +1,6 @@
 """The public surface: what README documents is importable, and nothing heavy loads on import."""
 
+import os
 import re
 import subprocess
 import sys
@@ -45,3 +46,18 @@ def test_only_the_adapter_module_asks_whether_a_model_is_ours():
     ]
     assert offenders == []
     assert pattern.search((package / "adapters.py").read_text())
+
+
+def test_notebook_progress_bars_are_widgets_not_warnings():
+    """tqdm.auto in Jupyter uses tqdm.notebook, which needs ipywidgets (the notebook and dev extras); without it
+    every notebook prints a TqdmWarning."""
+    import warnings
+
+    from tqdm.notebook import tqdm as notebook_tqdm
+
+    with warnings.catch_warnings(), open(os.devnull, "w") as sink:
+        warnings.simplefilter("error")
+        bar = notebook_tqdm(total=2, file=sink)
+        bar.update(2)
+        bar.close()
+    assert type(bar.container).__name__ == "TqdmHBox"

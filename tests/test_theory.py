@@ -195,3 +195,13 @@ def test_vocabulary_20_window_5_still_selects_the_parents():
         difference = scores.modified_per_kernel[rows.index((1, 2))] - scores.modified_per_kernel[rows.index(single)]
         # Paired mean over 500 kernels > 4 standard errors (measured 13.6 for lag 1, 15.6 for lag 2).
         assert difference.mean() > 4 * difference.std() / len(difference) ** 0.5
+
+
+def test_scores_as_a_table_keep_every_lag_set_and_value():
+    scores = selection_scores(3, (1, 2), 0.1, n_kernels=50, window=3)
+    table = scores.to_dataframe()
+    assert table["lags"].tolist() == list(scores.modified)  # () and the tuples stay whole: no MultiIndex, no NaN
+    assert not table.isna().any().any()
+    assert table["modified"].tolist() == list(scores.modified.values())
+    assert table["chi2_stderr"].tolist() == [scores.chi2_stderr[s] for s in scores.modified]
+    assert table["size"].tolist() == [len(s) for s in scores.modified]

@@ -8,6 +8,7 @@ batch's own token distribution, so it works on any vocabulary and any data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ih_circuits.chain import validate_lags
 from ih_circuits.checks import check_int, check_tokens
 from ih_circuits.seeds import derive_seed
 from ih_circuits.sources import DataSource, sample_tokens
@@ -54,6 +56,15 @@ class ProbeData:
         """Default number of lags to test: the window + 2 when known, else ``DEFAULT_MAX_LAG``, capped to fit."""
         lags = DEFAULT_MAX_LAG if self.window is None else self.window + 2
         return max(1, min(lags, self.seq_len - 2))
+
+    def check_lags(self, lags: Sequence[int], name: str = "lags") -> tuple[int, ...]:
+        """``lags`` sorted, refused unless it is a non-empty set inside 1..``max_lag()``, the lags the probes test."""
+        lags = validate_lags(lags, name)
+        limit = self.max_lag()
+        if not lags or max(lags) > limit:
+            where = f"the window + 2 = {limit}" if self.window is not None else f"{limit} for data without a window"
+            raise ValueError(f"{name} must be a non-empty set of lags inside 1..{limit} ({where}); got {lags}")
+        return lags
 
     def tokens_for(self, n_sequences: int, seed: int, purpose: str, device: torch.device) -> Int[Tensor, "batch pos"]:
         """Sequences for one probe: the fixed tokens, or ``n_sequences`` drawn with a seed derived for ``purpose``."""

@@ -31,7 +31,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
-from ih_circuits.chain import history_codes, validate_lags
+from ih_circuits.chain import history_codes
 from ih_circuits.predictors import gih_predictive, kl_divergence
 from ih_circuits.probes.behavioural import query_nlls
 from ih_circuits.probes.data import Data, probe_data
@@ -53,7 +53,8 @@ class DecompositionReport:
         true_parents: the data's parents, or None when unknown.
         rows: one per check: replacements (``IHTransformer``) or structure and GIH fit (other models), with
             KL to the model's query prediction, loss, kept fraction of the gain over the in-context unigram
-            (``recovered``), excess loss over Bayes (n-gram data) and ``passed``.
+            (``recovered``; None, with a ``note`` saying why, when the model does not beat the unigram), excess
+            loss over Bayes (n-gram data) and ``passed``.
         losses: model, unigram (and Bayes, for n-gram data) query-row losses on the test sequences.
         thresholds: the numbers the verdict uses.
         failing: (check, reason in words) pairs.
@@ -175,6 +176,11 @@ class _Scorer:
         row = {"check": check, "kl": kl, "loss": loss, "recovered": recovered, "passed": passed}
         if "bayes" in self.losses:
             row["excess_over_bayes"] = loss - self.losses["bayes"]
+        if recovered is None:
+            row["note"] = (
+                f"recovered is undefined: the model's loss {self.losses['model']:.4f} is not below the in-context "
+                f"unigram's {self.losses['unigram']:.4f}, so it has no gain to keep"
+            )
         return row
 
 
@@ -194,7 +200,8 @@ def decomposition_test(
     Args:
         model: ``IHTransformer`` or any TransformerLens model, any depth.
         data: an ``NGramTask``, a data source such as ``RepeatedTokens``, or an integer token tensor.
-        lags: the parents to test; default ``find_parents(model, data).lags``. Must lie in 1..seq_len-2.
+        lags: the parents to test; default ``find_parents(model, data).lags``. Must lie inside the lags the
+            probes test, 1..window+2 (1..8 for data without a window), so that the controls can compare them.
         n_sequences: test sequences drawn from a source (a tensor is used as given).
         kl_threshold: largest KL (nats) between the model and its replacement / best GIH for "holds".
         recovered_threshold: smallest kept fraction of the model's gain over the in-context unigram.
@@ -203,13 +210,11 @@ def decomposition_test(
     """
     adapter = adapt(model)
     resolved = probe_data(data, adapter)
+    if lags is not None:
+        lags = resolved.check_lags(lags)
     parents = find_parents(model, data, n_sequences=max(n_sequences, 256), seed=seed)
     if lags is None:
         lags = parents.lags
-    else:
-        lags = validate_lags(lags, "lags")
-        if not lags or max(lags) > resolved.seq_len - 2:
-            raise ValueError(f"lags must be a non-empty set inside 1..seq_len-2={resolved.seq_len - 2}; got {lags}")
     tokens = resolved.tokens_for(n_sequences, seed, "decomposition", adapter.device)
     target = tokens[:, -1]
     model_log_probs = adapter.query_log_probs(tokens)

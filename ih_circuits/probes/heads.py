@@ -27,7 +27,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
-from ih_circuits.chain import validate_lags
 from ih_circuits.probes.behavioural import behavioural_probe, check_max_lag
 from ih_circuits.probes.data import Data, probe_data
 
@@ -127,7 +126,7 @@ def scan_heads(
     if lags is None:
         found = behavioural_probe(model, data, n_sequences=max(n_sequences, 256), seed=seed).used_lags
         lags = found or (1,)
-    lags = _check_lags(lags, resolved.seq_len)
+    lags = resolved.check_lags(lags)
     tokens = resolved.tokens_for(n_sequences, seed, "scan_heads", adapter.device)
     rows = _rows(tokens.shape[1], lags).to(tokens.device)
     match = history_matches(tokens, lags, rows, adapter.value_offset)
@@ -163,15 +162,6 @@ def scan_heads(
     frame = pd.DataFrame(records)
     frame.attrs["lags"] = lags
     return frame
-
-
-def _check_lags(lags: tuple[int, ...], seq_len: int) -> tuple[int, ...]:
-    lags = validate_lags(lags, "lags")
-    if not lags:
-        raise ValueError("lags must name at least one lag")
-    if max(lags) > seq_len - 2:
-        raise ValueError(f"lags must lie in 1..seq_len-2={seq_len - 2}; got {lags}")
-    return lags
 
 
 # ---------------------------------------------------------------------------------------------- copier
@@ -334,7 +324,7 @@ def classifier_probe(
         lags = behavioural_probe(model, data, seed=seed).used_lags
         if not lags:
             raise ValueError("the model uses no lag (behavioural probe); pass lags=... to probe the classifier")
-    lags = _check_lags(lags, resolved.seq_len)
+    lags = resolved.check_lags(lags)
     tokens = resolved.tokens_for(n_sequences, seed, "classifier", adapter.device)
     query = tokens.shape[1] - 2
     rows = torch.tensor([query], device=tokens.device)

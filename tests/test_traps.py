@@ -1,0 +1,74 @@
+"""Traps a newcomer falls into: each gives the right answer or a clear error, never a silent NaN."""
+
+import pytest
+import torch
+
+import ih_circuits as ih
+from ih_circuits.predictors import log_probabilities
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = ih.IHConfig(d_vocab=3, n_ctx=24, n_heads=3, window=3, max_degree=2)
+    task = ih.NGramTask(vocab_size=3, parents=(1, 2), seq_len=24, window=3)
+    return ih.ideal_model(cfg, lags=(1, 2)), task, task.sample(32, seed=0).tokens
+
+
+def test_the_model_output_is_scored_as_log_probabilities(setup):
+    model, _, tokens = setup
+    log_probs = model(tokens)
+    nll = ih.last_position_nll(log_probs, tokens)
+    assert torch.isfinite(nll).all()
+    # Scoring the same distribution given as probabilities gives the same numbers (float32 log/exp round trip).
+    assert torch.allclose(nll, ih.last_position_nll(log_probs.exp(), tokens), atol=1e-5)
+    assert torch.allclose(ih.next_token_nll(log_probs, tokens, kind="log_probs"), ih.next_token_nll(log_probs, tokens))
+
+
+def test_logits_and_contradicted_kinds_are_refused(setup):
+    model, _, tokens = setup
+    logits = model(tokens) + 3.0  # unnormalised: rows sum to neither 1 nor logsumexp 0
+    with pytest.raises(ValueError, match=r"logits\? apply torch.log_softmax"):
+        ih.last_position_nll(logits, tokens)
+    with pytest.raises(ValueError, match="kind='probs' must be non-negative rows summing to 1"):
+        ih.next_token_nll(model(tokens), tokens, kind="probs")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        log_probabilities(model(tokens), kind="logits")
+    with pytest.raises(ValueError, match="probs contains NaN"):
+        ih.next_token_nll(torch.full((1, 3, 3), float("nan")), tokens[:1, :3])
+
+
+def test_kl_accepts_either_form_and_matches_the_definition():
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    q = torch.tensor([[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    expected = torch.tensor([0.5 * 2 * torch.log(torch.tensor(2.0, dtype=torch.float64)), 0.0], dtype=torch.float64)
+    assert torch.allclose(ih.kl_divergence(p, q), expected)
+    assert torch.allclose(ih.kl_divergence(p.log(), q.log()), expected)
+
+
+def test_decomposition_lags_outside_the_probed_window_are_refused_before_any_work(setup, monkeypatch):
+    model, task, _ = setup
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("find_parents ran before the lags were checked")
+
+    monkeypatch.setattr("ih_circuits.probes.decomposition.find_parents", must_not_run)
+    with pytest.raises(ValueError, match=r"lags must be a non-empty set of lags inside 1..5 \(the window \+ 2 = 5\)"):
+        ih.probes.decomposition_test(model, task, lags=(7,))
+    with pytest.raises(ValueError, match="lags must be a non-empty set"):
+        ih.probes.decomposition_test(model, task, lags=())
+    with pytest.raises(ValueError, match=r"inside 1..5"):
+        ih.probes.scan_heads(model, task, lags=(6,))
+    with pytest.raises(ValueError, match=r"inside 1..5"):
+        ih.probes.classifier_probe(model, task, (1, 9))
+
+
+def test_recovered_is_explained_when_the_model_does_not_beat_the_unigram(setup):
+    _, task, _ = setup
+    # a < 0 attends away from the matching keys: worse than the unigram, which attends to all of them equally.
+    avoiding = ih.ideal_model(ih.IHConfig(d_vocab=3, n_ctx=24, n_heads=3, window=3, max_degree=2), (1, 2), a=-5.0)
+    report = ih.probes.decomposition_test(avoiding, task, lags=(1, 2), n_sequences=64)
+    assert report.losses["model"] >= report.losses["unigram"]
+    frame = report.to_dataframe()
+    undefined = frame[frame["recovered"].isna() & frame["check"].ne("controls")]
+    assert len(undefined) > 0
+    assert undefined["note"].str.contains("recovered is undefined: the model's loss").all()
