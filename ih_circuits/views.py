@@ -165,10 +165,11 @@ def figure_data_uri(figure: Figure, format: str = "png") -> str:
     return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
-def _figure(width: float = 6.0, height: float = 3.2, ncols: int = 1, nrows: int = 1, layout: str | None = None):
+def _figure(width: float = 6.0, height: float = 3.2, ncols: int = 1, nrows: int = 1, layout: str = "constrained"):
     """A new figure that is closed at once: returned to the caller, never left open in pyplot's state.
 
-    Its axes come as one flat array, row by row; ``layout`` is matplotlib's (``"constrained"`` keeps labels apart).
+    Its axes come as one flat array, row by row; ``layout`` is matplotlib's (``"constrained"``, the default, keeps
+    every label inside the figure and apart from the others).
     """
     import matplotlib.pyplot as plt
 

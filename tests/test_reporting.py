@@ -5,7 +5,8 @@ import torch
 
 import ih_circuits as ih
 from ih_circuits import reporting
-from ih_circuits.reporting import html_page, load_run, report
+from ih_circuits.reporting import SHOWCASE_CANDIDATES, html_page, load_run, report, showcase_sequence
+from ih_circuits.seeds import derive_seed
 from ih_circuits.training import Stage, TrainConfig, train
 
 
@@ -45,7 +46,9 @@ def test_a_checkpoint_report_has_verdicts_and_probes_but_no_training_figures(tmp
     page = path.read_text()
     assert "<th>true parents</th><td>(1, 2)</td>" in page
     assert "<th>parents found (query-side behavioural)</th><td>(1, 2)</td>" in page
-    assert "Parent probes" in page and "Decomposition test" in page and "Selector shares" not in page
+    assert "<h3>Parent probes</h3>" in page and "<h3>Decomposition test</h3>" in page
+    assert "<h3>Selector shares</h3>" not in page
+    assert "<h2>How to read this report</h2>" in page and "the keys marked *" in page
     assert page.count("ih-attention-layer") >= 2
 
 
@@ -70,3 +73,21 @@ def test_html_page_escapes_its_title_and_loads_nothing():
     page = html_page("<b>x</b>", "<p>body</p>")
     assert "<title>&lt;b&gt;x&lt;/b&gt;</title>" in page and "<p>body</p>" in page
     assert "http" not in page and "<link" not in page
+
+
+def test_the_example_sequence_has_matching_keys_and_the_most_varied_histories():
+    task = ih.NGramTask(vocab_size=3, parents=(1, 2), seq_len=41)
+    chosen = showcase_sequence(task, seed=0)[0].tolist()
+    candidates = task.sample(SHOWCASE_CANDIDATES, seed=derive_seed(0, "report")).tokens.tolist()
+
+    def histories(tokens):  # parent history of each position with a complete one, by a loop
+        return [(tokens[p - 1], tokens[p - 2]) for p in range(2, len(tokens))]
+
+    def matches(tokens):
+        *earlier, query = histories(tokens)
+        return sum(h == query for h in earlier)
+
+    eligible = [c for c in candidates if matches(c) >= 2]
+    assert eligible and chosen in eligible
+    assert len(set(histories(chosen)[:-1])) == max(len(set(histories(c)[:-1])) for c in eligible)
+    assert len(set(chosen)) == 3  # not the near-constant sequence that left the classifier view blank

@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 
 import ih_circuits as ih
 from ih_circuits import probes, views
+from tests.figures import assert_texts_inside_and_apart
 
 CDN = re.compile(r"<script[^>]+src=|unpkg\.com|cdn\.jsdelivr|https?://[^\"' ]+\.js")
 
@@ -57,7 +58,7 @@ def test_attention_views_of_any_layer_of_another_model_have_neutral_titles():
     assert all(title.startswith(f"Layer {layer} attention of TransformerBridge") for layer, title in enumerate(titles))
 
 
-def test_every_figure_renders(run):
+def test_every_figure_renders_with_its_texts_inside_and_apart(run):
     parents = probes.find_parents(run.model, run.task, n_sequences=64)
     verdict = probes.decomposition_test(run.model, run.task, n_sequences=32)
     figures = [
@@ -71,6 +72,9 @@ def test_every_figure_renders(run):
     ]
     for figure in figures:
         assert isinstance(figure, Figure)
+        # Rendered as in the report: before the constrained layout, axis labels fell off the bottom and the
+        # loss legend sat on the excess-loss axis label.
+        assert_texts_inside_and_apart(figure)
         assert views.figure_data_uri(figure).startswith("data:image/png;base64,iVBOR")
     assert views.figure_data_uri(figures[0], "svg").startswith("data:image/svg+xml;base64,")
 

@@ -1,7 +1,6 @@
 """Sweep figures from synthetic results tables: what each map cell says and how it is coloured and marked,
 failed and missing runs, the panel layout, argument errors, and no overlapping text."""
 
-import itertools
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from ih_circuits.sweep import plot_excess_loss_map, plot_margin, plot_theory_map
 from ih_circuits.sweep.results import OUTCOME_COLUMNS
+from tests.figures import all_texts, assert_texts_inside_and_apart
 from tests.sweep.frames import agreeing, failed, results_table
 
 GRID = {"alpha": [0.05, 1.0], "parents": [(1, 2), (1, 3)]}
@@ -48,23 +48,6 @@ def marked(axis, gid):
         for p in axis.patches
         if p.get_gid() == gid
     }
-
-
-def all_texts(figure):
-    """Every drawn, non-empty text of the figure (after a draw): titles, labels, tick labels in the view, cells,
-    legends."""
-    texts = [figure._suptitle, figure._supxlabel]
-    for axis in figure.axes:
-        texts += [axis.title, axis.xaxis.label, axis.yaxis.label, *axis.texts]
-        for ticks, labels, limits in (
-            (axis.get_xticks(), axis.get_xticklabels(), axis.get_xlim()),
-            (axis.get_yticks(), axis.get_yticklabels(), axis.get_ylim()),
-        ):
-            low, high = sorted(limits)
-            texts += [label for tick, label in zip(ticks, labels, strict=True) if low - 1e-9 <= tick <= high + 1e-9]
-        if axis.get_legend() is not None:
-            texts += axis.get_legend().get_texts()
-    return [t for t in texts if t is not None and t.get_visible() and t.get_text().strip()]
 
 
 def test_map_shows_prediction_selection_frequency_and_marks_the_disagreement():
@@ -202,16 +185,7 @@ def test_no_text_overlaps_or_leaves_the_figure():
         plot_margin(results_table(GRID, outcome=failed)),
     ]
     for figure in figures:
-        canvas = FigureCanvasAgg(figure)
-        canvas.draw()
-        renderer = canvas.get_renderer()
-        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in all_texts(figure)]
-        assert len(boxes) > 5
-        for text, box in boxes:
-            assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1 + 1, text
-            assert figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1 + 1, text
-        for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2):
-            assert not box_a.overlaps(box_b), (a, b)
+        assert_texts_inside_and_apart(figure)
 
 
 @pytest.mark.e2e  # a fresh interpreter importing torch: seconds
