@@ -116,10 +116,10 @@ def attention_data(
     if ours and layer == 0:
         copier_lags = copier_probe(model, task).dominant_lags if task is not None else None
         heads = [f"head {h}" + (f" (lag {copier_lags[h]})" if copier_lags else "") for h in range(pattern.shape[0])]
-        title = "Layer 1 (copier): each head attends to one lag"
+        title = "Layer 0 (copier): each head attends to one lag"
     elif ours:
         heads = [f"head {h}" for h in range(pattern.shape[0])]
-        title = "Layer 2 (classifier): the query attends to positions whose parent history matches"
+        title = "Layer 1 (classifier): the query attends to positions whose parent history matches"
     else:
         max_offset = max(1, min(8, n_pos - 1))
         offsets = offset_mass(pattern[None], max_offset).argmax(-1).tolist()

@@ -34,3 +34,11 @@ def test_probes_report_lags_from_one():
     task = ih.NGramTask(vocab_size=3, parents=(1, 2), seq_len=24, window=3)
     report = ih.probes.find_parents(ih.ideal_model(cfg, lags=(1, 2)), task, n_sequences=128)
     assert report.lags == (1, 2) and report.true_parents == (1, 2)
+
+
+def test_attention_view_titles_count_layers_from_zero():
+    cfg = small_config()
+    task = ih.NGramTask(vocab_size=3, parents=(1, 2), seq_len=24, window=3)
+    model, tokens = ih.ideal_model(cfg, lags=(1, 2)), task.sample(1, seed=0).tokens
+    assert ih.views.attention_data(model, tokens, 0, task).title.startswith("Layer 0 (copier)")
+    assert ih.views.attention_data(model, tokens, 1, task).title.startswith("Layer 1 (classifier)")
