@@ -42,11 +42,10 @@ demo: install
 test: install-dev
 	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
 
-# The end-to-end tier: examples, the browser test, multi-process sweeps and kills (marked e2e), then every
-# notebook (nbmake); .ci/run calls it after `make test`.
+# The end-to-end tier (marked e2e): every notebook with its key outputs checked, examples, the browser test,
+# multi-process sweeps and kills; .ci/run calls it after `make test`.
 test-e2e: install-dev
 	$(PY) -m pytest -q -m "e2e and not slow" $(PYTEST_ARGS)
-	$(PY) -m pytest -q --nbmake notebooks $(PYTEST_ARGS)
 
 # The runs marked slow (trained ordinary transformers, presets); .ci/run calls it after `make test-e2e`.
 test-slow: install-dev
@@ -58,7 +57,7 @@ test-tl3:
 
 # Everything in one run: the fast tier, the e2e tier with the notebooks, and the slow tests.
 test-all: install-dev
-	$(PY) -m pytest -q --nbmake $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install-dev
 	$(PY) -m ruff check .

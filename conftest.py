@@ -1,4 +1,5 @@
-"""Test-session settings shared by tests/, the doctests and the notebooks (executed by nbmake)."""
+"""Test-session settings for tests/ and the doctests; the notebooks that tests/test_notebooks.py runs inherit
+them through their kernels' environment."""
 
 import os
 

@@ -296,11 +296,11 @@ def log_probabilities(
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"kind must be one of {SCORE_KINDS}; got {kind!r}")
-    if torch.isnan(scores.detach()).any():
-        raise ValueError(f"{name} contains NaN")
     values = scores.detach()
-    as_probs = bool((values >= 0).all()) and bool(((values.sum(-1) - 1).abs() <= ROW_TOLERANCE).all())
-    as_log = bool((values <= 0).all()) and bool((values.logsumexp(-1).abs() <= ROW_TOLERANCE).all())
+    if torch.isnan(values).any():
+        raise ValueError(f"{name} contains NaN")
+    as_probs = kind != "log_probs" and _are_probabilities(values)
+    as_log = not as_probs and kind != "probs" and _are_log_probabilities(values)
     if kind == "auto" and not (as_probs or as_log):
         raise ValueError(
             f"{name} must be probabilities (non-negative rows summing to 1) or log-probabilities (rows with "
@@ -311,7 +311,16 @@ def log_probabilities(
         raise ValueError(f"{name} with kind='probs' must be non-negative rows summing to 1")
     if kind == "log_probs" and not as_log:
         raise ValueError(f"{name} with kind='log_probs' must be non-positive rows with logsumexp 0")
-    return scores.log() if as_probs and kind != "log_probs" else scores
+    return scores.log() if as_probs else scores
+
+
+def _are_probabilities(values: Tensor) -> bool:
+    return bool((values >= 0).all()) and bool(((values.sum(-1) - 1).abs() <= ROW_TOLERANCE).all())
+
+
+def _are_log_probabilities(values: Tensor) -> bool:
+    # float rounding can put a log-probability near 1 slightly above 0: the same tolerance as the rows' totals
+    return bool((values <= ROW_TOLERANCE).all()) and bool((values.logsumexp(-1).abs() <= ROW_TOLERANCE).all())
 
 
 def next_token_nll(probs: Probs, tokens: Tokens, *, kind: str = "auto") -> Float[Tensor, "batch pos_minus_one"]:

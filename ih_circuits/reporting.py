@@ -11,15 +11,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from jaxtyping import Int
-from torch import Tensor
-
-from ih_circuits.chain import history_codes
 from ih_circuits.checkpoint import atomic_write_text, check_output_file
 from ih_circuits.model import IHTransformer
 from ih_circuits.probes import decomposition_test
-from ih_circuits.seeds import derive_seed
 from ih_circuits.task import NGramTask
 from ih_circuits.training import TrainingRun
 from ih_circuits.views import (
@@ -34,6 +28,7 @@ from ih_circuits.views import (
     plot_scale,
     plot_selector_shares,
     render_calls,
+    showcase_sequence,
 )
 
 if TYPE_CHECKING:
@@ -72,38 +67,14 @@ prediction (the lag set with the largest I~ that the selector can pick), the lag
 classifier each behave as the ideal generalized induction head, "GIH circuit with smoothing" when the parts are
 right but the output is smoothed, "not a GIH circuit" otherwise. Each failed check gives its number and threshold.</li>
 <li><b>Attention.</b> Heads and layers count from 0. Layer 0 holds the copiers: each head should attend at one
-offset (a head reading lag s attends s - 1 positions back). Layer 1 holds the classifier: from the query row (the
-last but one position, which predicts the last token) it should attend to the keys marked *, the earlier positions
-whose parent history matches the query's. The example sequence is chosen so that at least two keys match.</li>
+offset (a head reading lag s attends s - 1 positions back). Layer 1 holds the classifier: each row should attend to
+the earlier keys whose parent history matches that of the token the row predicts. For the last row (which predicts
+the token after the sequence) those keys are marked *; the example sequence is chosen so that a few keys (at least
+two) match, and a trained classifier splits its attention between them.</li>
 <li><b>Figures.</b> Selector shares over training (the subset of heads copying the parents should win), copier
 weights before and after training, the classifier scale a and the loss against Bayes; then the parent probes and
 the decomposition checks.</li>
 </ul>"""
-
-SHOWCASE_CANDIDATES = 64
-"""Sequences drawn to pick the report's example from."""
-
-
-def showcase_sequence(task: NGramTask, seed: int = 0) -> Int[Tensor, "1 pos"]:
-    """The example sequence of the report's attention views: one whose query history recurs and which is varied.
-
-    Of ``SHOWCASE_CANDIDATES`` sequences, those where at least two earlier positions share the query's parent
-    history (the keys a GIH attends to, marked * in the views) are kept, and the one with the most distinct parent
-    histories wins (ties: the first), so the classifier's attention concentrates on a few marked keys instead of
-    spreading over a near-constant sequence (once the classifier scale a has grown: a barely trained model's
-    attention is diffuse on any sequence). Without such a sequence, the one with the most matching keys.
-    """
-    tokens = task.sample(SHOWCASE_CANDIDATES, seed=derive_seed(seed, "report")).tokens
-    codes = history_codes(tokens, task.parents, task.vocab_size)
-    last = tokens.shape[1] - 1  # the query row T-2 predicts the token at position T-1, whose history is codes[:, T-1]
-    earlier = codes[:, :last]
-    matches = ((earlier == codes[:, last : last + 1]) & (earlier >= 0)).sum(-1)
-    ordered = earlier.sort(-1).values
-    first_of_value = torch.ones_like(ordered, dtype=torch.bool)
-    first_of_value[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    distinct = (first_of_value & (ordered >= 0)).sum(-1)
-    score = torch.where(matches >= 2, distinct, -1).double() if bool((matches >= 2).any()) else matches.double()
-    return tokens[int(score.argmax())][None]
 
 
 def _table(rows: dict[str, object]) -> str:
@@ -174,16 +145,15 @@ def report(
         data = attention_data(model, sequence, layer, task)
         views.append((f"ih-attention-layer{layer}", data.component, data.props, data.title))
     view_html = "".join(f"<h3>{html.escape(title)}</h3>" + render_calls([(i, c, p)]) for i, c, p, title in views)
-    failing = "".join(f"<li><b>{html.escape(c)}</b> failed: {html.escape(r)}</li>" for c, r in decomposition.failing)
     body = f"""
 <h1>Generalized induction head report</h1>
 {READER_GUIDE}
 <h2>Verdicts</h2>
 {_table(verdicts)}
 <p class="verdict-{str(decomposition.holds).lower()}">Decomposition: {html.escape(decomposition.verdict)}</p>
-{f"<ul>{failing}</ul>" if failing else ""}
-{decomposition.to_dataframe().to_html(index=False, float_format="%.4f", na_rep="")}
-<h2>Attention (interactive; * marks keys whose parent history matches the query's)</h2>
+{decomposition.checks().to_html(index=False)}
+<p>Query-row losses (nats): {html.escape(", ".join(f"{k} {v:.4f}" for k, v in decomposition.losses.items()))}</p>
+<h2>Attention (interactive; * marks the keys the last row should attend to)</h2>
 <script>{circuitsvis_bundle()}</script>
 {view_html}
 <h2>Figures</h2>

@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from jaxtyping import Int
+from torch import Tensor, nn
 
+from ih_circuits.chain import history_codes
 from ih_circuits.checkpoint import atomic_write_text
 from ih_circuits.history import copier_weights, selector_shares
 from ih_circuits.probes import DecompositionReport, ParentReport
+from ih_circuits.seeds import derive_seed
 from ih_circuits.task import NGramTask
 
 if TYPE_CHECKING:
@@ -40,6 +43,11 @@ class HTMLView:
 
     def _repr_html_(self) -> str:
         return self.html
+
+    def __repr__(self) -> str:
+        """The view's headings and size, not the inlined bundle (megabytes of JavaScript)."""
+        headings = re.findall(r"<h[1-6]>(.*?)</h[1-6]>", self.html)
+        return f"HTMLView({'; '.join(headings) or 'no heading'}; {len(self.html) / 1e6:.1f} MB, shown by Jupyter)"
 
     def save(self, path: str | Path) -> Path:
         """Write a standalone HTML page (atomically)."""
@@ -96,9 +104,10 @@ def attention_data(
     positions.
 
     Heads are named by their dominant offset on this sequence (0 = itself, 1 = the previous token), or, for
-    ``IHTransformer``'s copier, by the lag they copy. The keys whose history over ``lags`` (default the
-    task's parents) matches the final query's are marked with ``*`` (for ``IHTransformer`` key j holds token
-    j+1, so the mark sits on j). Titles tell the paper's story only for ``IHTransformer``.
+    ``IHTransformer``'s copier, by the lag they copy. The last row predicts the token after the sequence; the
+    keys offering a token whose history over ``lags`` (default the task's parents) matches that next token's are
+    marked with ``*``: they are where an induction head's last row attends (for ``IHTransformer`` key j holds
+    token j+1, so the mark sits on j). Titles tell the paper's story only for ``IHTransformer``.
     """
     from ih_circuits.adapters import IHAdapter, adapt
     from ih_circuits.probes.heads import copier_probe, history_matches, offset_mass
@@ -119,7 +128,7 @@ def attention_data(
         title = "Layer 0 (copier): each head attends to one lag"
     elif ours:
         heads = [f"head {h}" for h in range(pattern.shape[0])]
-        title = "Layer 1 (classifier): the query attends to positions whose parent history matches"
+        title = "Layer 1 (classifier): each row attends to the keys whose parent history matches its next token's"
     else:
         max_offset = max(1, min(8, n_pos - 1))
         offsets = offset_mass(pattern[None], max_offset).argmax(-1).tolist()
@@ -127,11 +136,14 @@ def attention_data(
         title = f"Layer {layer} attention of {adapter.name} (heads named by their dominant offset)"
     lags = lags if lags is not None else (task.parents if task is not None else None)
     if lags:
-        rows = torch.tensor([n_pos - 2], device=tokens.device)
-        match = history_matches(tokens, tuple(lags), rows, adapter.value_offset)[0, 0]
+        # The last row predicts the token after the sequence, whose history reads only tokens already here: a
+        # copy of the last token stands in for it, and no key can offer it (keys offer tokens up to the row).
+        extended = torch.cat([tokens, tokens[:, -1:]], dim=1)
+        rows = torch.tensor([n_pos - 1], device=tokens.device)
+        match = history_matches(extended, tuple(lags), rows, adapter.value_offset)[0, 0, :n_pos]
         for key in torch.nonzero(match).flatten().tolist():
             labels[key] += "*"
-        title += f"; * marks keys whose history over lags {tuple(lags)} matches the last query's"
+        title += f"; * marks the keys whose history over lags {tuple(lags)} matches that of the last row's next token"
     window = pattern[:, start:, start:]
     props = {"tokens": labels[start:], "attention": window.cpu(), "attentionHeadNames": heads, "maskUpperTri": True}
     return AttentionData("AttentionHeads", props, title)
@@ -153,6 +165,41 @@ def attention_view(
         [(element, data.component, data.props)]
     )
     return HTMLView(html)
+
+
+SHOWCASE_CANDIDATES = 64
+"""Sequences drawn to pick the example sequence from."""
+SHOWCASE_LENGTH = 32
+"""Tokens in the report's example (the attention views show them all), or the task's length if shorter."""
+
+
+def showcase_sequence(task: NGramTask, seed: int = 0) -> Int[Tensor, "1 pos"]:
+    """An example sequence for attention views (the report's): one where the last row's history recurs a few times.
+
+    The first ``SHOWCASE_LENGTH`` tokens of ``SHOWCASE_CANDIDATES`` draws are candidates. The last row of a view
+    predicts the token after the sequence; the earlier positions sharing that token's parent history are the
+    keys a GIH attends to (marked * in the views). Of the candidates with at least two such keys, the one with the
+    fewest wins, then the one with the most distinct parent histories (then the first): the classifier's attention
+    splits over a few marked keys, about 1/k each for k keys once its scale a has grown, and shows as clearly
+    coloured cells instead of spreading thin over a near-constant sequence. Without such a candidate, the one with
+    the most matching keys.
+    """
+    drawn = task.sample(SHOWCASE_CANDIDATES, seed=derive_seed(seed, "report")).tokens
+    tokens = drawn[:, : min(SHOWCASE_LENGTH, drawn.shape[1])]
+    codes = history_codes(tokens, task.parents, task.vocab_size)
+    n_pos = tokens.shape[1]
+    earlier = codes[:, :n_pos]
+    matches = ((earlier == codes[:, n_pos : n_pos + 1]) & (earlier >= 0)).sum(-1)
+    ordered = earlier.sort(-1).values
+    first_of_value = torch.ones_like(ordered, dtype=torch.bool)
+    first_of_value[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    distinct = (first_of_value & (ordered >= 0)).sum(-1)
+    eligible = matches >= 2
+    if bool(eligible.any()):
+        score = torch.where(eligible, -matches * (n_pos + 1) + distinct, -((n_pos + 1) ** 2))
+    else:
+        score = matches
+    return tokens[int(score.argmax())][None]
 
 
 def figure_data_uri(figure: Figure, format: str = "png") -> str:

@@ -1,4 +1,5 @@
-"""The report renders in headless Chromium with the network blocked: views mount, images load, no errors.
+"""The report renders in headless Chromium with the network blocked: views mount and show attention, images load,
+no errors.
 
 Chromium is Debian's ``chromium`` package; ``make browser`` (run by ``.ci/run``) installs it when missing.
 Outside CI the test is skipped when it is absent; in CI a missing browser is a failure.
@@ -33,12 +34,22 @@ PROBE = """<script>window.__errors = [];
 const __error = console.error.bind(console);
 console.error = (...args) => { window.__errors.push(args.map(String).join(' ')); __error(...args); };
 window.addEventListener('error', e => window.__errors.push('uncaught: ' + e.message));
+const coloured = canvas => {  // share of pixels with a clear hue (attention cells); grey, white, pale: no
+  const d = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 80) n++;
+  }
+  return n / (d.length / 4);
+};
+const largest = view => [...view.querySelectorAll('canvas')].sort((a, b) => b.width * b.height - a.width * a.height)[0];
 window.addEventListener('load', () => setTimeout(() => {
   const views = [...document.querySelectorAll('.cv-view')];
   const images = [...document.querySelectorAll('img')];
   document.body.setAttribute('data-probe', JSON.stringify({
     errors: window.__errors,
     views: views.map(v => v.querySelectorAll('*').length),
+    colour: views.map(v => largest(v) ? coloured(largest(v)) : 0),
     images: images.map(i => i.complete && i.naturalWidth > 0),
   }));
 }, 1500));</script>"""
@@ -80,6 +91,10 @@ def test_report_renders_offline_in_headless_chromium(tmp_path):
     probe = json.loads(match.group(1).replace("&quot;", '"'))
     assert probe["errors"] == []
     assert len(probe["views"]) == 2 and all(n > 20 for n in probe["views"])  # both circuitsvis views mounted
+    # Visible attention: a blank view has no coloured pixel at all (the classifier view on the old near-constant
+    # sequence measured 0.0); on the demo's model the copier and classifier heatmaps measured 2.5% and 1.4% of
+    # their canvas. 0.4% is about six fully attended cells of the 32 x 32 grid.
+    assert all(share > 0.004 for share in probe["colour"]), probe["colour"]
     assert len(probe["images"]) == 7 and all(probe["images"])
     assert "Uncaught" not in dom.stderr
     shot = tmp_path / "report.png"

@@ -72,3 +72,37 @@ def test_recovered_is_explained_when_the_model_does_not_beat_the_unigram(setup):
     undefined = frame[frame["recovered"].isna() & frame["check"].ne("controls")]
     assert len(undefined) > 0
     assert undefined["note"].str.contains("recovered is undefined: the model's loss").all()
+
+
+def test_a_log_probability_rounded_above_zero_is_accepted():
+    """A hooked forward's float32 log-probability of a near-certain token measured 3.6e-7 > 0: still a
+    log-probability (the row tolerance, 1e-3, is far above float32 rounding and far below any logit offset)."""
+    rounded = torch.tensor([[3.6e-7, -20.0, -20.0]])
+    assert torch.equal(log_probabilities(rounded, kind="log_probs"), rounded)
+    assert torch.equal(log_probabilities(rounded), rounded)
+    with pytest.raises(ValueError, match="kind='log_probs' must be non-positive rows"):
+        log_probabilities(torch.tensor([[0.01, -20.0, -20.0]]), kind="log_probs")
+
+
+def test_every_decomposition_check_says_passed_or_failed_with_its_threshold(setup):
+    model, task, _ = setup
+    passing = ih.probes.decomposition_test(model, task, lags=(1, 2), n_sequences=64)
+    checks = passing.checks()
+    assert list(checks["check"]) == ["copier", "selector", "classifier", "all", "controls"]
+    assert set(checks["result"]) == {"passed"} and not checks.isna().any().any()
+    assert checks["evidence"].str.contains(r"\(needs (?:<=|>=) [0-9.]+\)").all()
+    assert "KL to the model" in checks["evidence"][0] and "(needs >= 0.9)" in checks["evidence"][0]
+    assert "  copier         passed: KL to the model" in repr(passing)
+    # A too-strict threshold fails every replacement: the words say so, with the number and the threshold.
+    strict = ih.probes.decomposition_test(model, task, lags=(1, 2), n_sequences=64, recovered_threshold=1.5)
+    failed = strict.checks().set_index("check")
+    assert failed.loc["copier", "result"] == "failed" and "(needs >= 1.5)" in failed.loc["copier", "evidence"]
+    assert "  copier         failed: keeps " in repr(strict)
+    # A structural failure without a row of its own (clean copiers selected on the wrong lags) is listed too.
+    wrong = ih.probes.decomposition_test(
+        ih.ideal_model(ih.IHConfig(d_vocab=3, n_ctx=24, n_heads=3, window=3, max_degree=2), lags=(1, 3)),
+        task,
+        n_sequences=64,
+    ).checks()
+    assert ("selector", "failed") in set(zip(wrong["check"], wrong["result"], strict=True))
+    assert wrong["evidence"].str.contains("the data's parents are (1, 2)", regex=False).any()

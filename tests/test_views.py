@@ -29,6 +29,11 @@ def test_attention_views_inline_the_bundle_and_mark_lags(run):
     assert '"head 0 (lag 1)"' in copier.html and '"head 1 (lag 2)"' in copier.html
     assert 'id="ih-attention-layer1"' in classifier.html and '*"' in classifier.html
     assert views.attention_view(run.model, tokens, layer=1, task=run.task).html == classifier.html
+    # Printed (a console, a notebook's text/plain), a view is its headings and size, not megabytes of JavaScript.
+    assert (
+        repr(classifier).startswith("HTMLView(Layer 1 (classifier): each row attends") and len(repr(classifier)) < 400
+    )
+    assert repr(classifier).endswith("1.3 MB, shown by Jupyter)")
 
 
 def test_attention_view_rejects_a_bad_layer(run):
@@ -38,7 +43,7 @@ def test_attention_view_rejects_a_bad_layer(run):
 
 def test_attention_views_of_any_layer_of_another_model_have_neutral_titles():
     """A 3-layer hand-wired induction circuit: every layer renders, heads are named by their offset, the keys
-    whose history matches the last query's are starred, and no title tells the paper's story."""
+    the last row attends to are starred, and no title tells the paper's story."""
     from tests.probes.circuits import induction_circuit
 
     model = induction_circuit((1,), d_vocab=8, n_ctx=32, n_layers=3)
@@ -50,11 +55,13 @@ def test_attention_views_of_any_layer_of_another_model_have_neutral_titles():
         assert data.props["attention"].shape == (model.cfg.n_heads, 32, 32)
         assert "copier" not in data.title and "classifier" not in data.title
     assert views.attention_data(model, tokens, 0).props["attentionHeadNames"][0] == "L0H0 (offset 1)"
-    # The last token's earlier copies are followed by the keys the induction head reads: each is starred.
-    labels = views.attention_data(model, tokens, 2, lags=(1,)).props["tokens"]
-    current = int(tokens[0, -2])
-    expected = {j for j in range(1, 31) if int(tokens[0, j - 1]) == current}
-    assert {j for j, label in enumerate(labels) if label.endswith("*")} == expected and expected
+    # The last row predicts the token after the sequence; its lag-1 history is the last token, and the keys the
+    # induction head reads from the last row are those right after an earlier copy of it: each is starred.
+    induction = views.attention_data(model, tokens, 2, lags=(1,)).props
+    last = int(tokens[0, -1])
+    expected = {j for j in range(1, 32) if int(tokens[0, j - 1]) == last}
+    assert {j for j, label in enumerate(induction["tokens"]) if label.endswith("*")} == expected and expected
+    assert float(induction["attention"][0, -1, sorted(expected)].sum()) > 0.99  # wired exactly: all of it
     assert all(title.startswith(f"Layer {layer} attention of TransformerBridge") for layer, title in enumerate(titles))
 
 

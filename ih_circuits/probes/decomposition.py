@@ -20,6 +20,7 @@ at least a third of its attention there; and the best GIH on the found lags (a o
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,8 @@ class DecompositionReport:
         rows: one per check: replacements (``IHTransformer``) or structure and GIH fit (other models), with
             KL to the model's query prediction, loss, kept fraction of the gain over the in-context unigram
             (``recovered``; None, with a ``note`` saying why, when the model does not beat the unigram), excess
-            loss over Bayes (n-gram data) and ``passed``.
+            loss over Bayes (n-gram data), ``passed`` and ``verdict``: "passed: ..." or "failed: ..." with each
+            measured number and its threshold in words.
         losses: model, unigram (and Bayes, for n-gram data) query-row losses on the test sequences.
         thresholds: the numbers the verdict uses.
         failing: (check, reason in words) pairs.
@@ -84,25 +86,29 @@ class DecompositionReport:
         return f"{self.verdict}: " + "; ".join(f"{check} failed: {why}" for check, why in self.failing)
 
     def to_dataframe(self) -> pd.DataFrame:
+        """The rows' numbers, one row per check; a column a check does not measure is NaN (``checks()`` has the
+        same checks in words, with nothing missing)."""
         return pd.DataFrame(self.rows)
+
+    def checks(self) -> pd.DataFrame:
+        """Every check in words: ``check``, ``result`` ("passed" or "failed") and ``evidence`` (the measured numbers
+        with their thresholds), one row per measured check, then the failed structural checks that have no row
+        (no used lag, diffuse or duplicate copiers, parents other than the data's)."""
+        lines = [(row["check"], *row["verdict"].split(": ", 1)) for row in self.rows]
+        explained = {(check, evidence) for check, result, evidence in lines if result == "failed"}
+        lines += [(check, "failed", why) for check, why in self.failing if (check, why) not in explained]
+        return pd.DataFrame(lines, columns=["check", "result", "evidence"])
 
     def __repr__(self) -> str:
         lines = [f"DecompositionReport(verdict={self.verdict!r}, lags={self.lags}, method={self.method})"]
         lines.append("  losses: " + ", ".join(f"{k} {v:.4f}" for k, v in self.losses.items()))
-        for row in self.rows:
-            values = ", ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "check"
-            )
-            lines.append(f"  {row['check']:<12} {values}")
-        lines.extend(f"  FAILED {check}: {why}" for check, why in self.failing)
+        lines.extend(f"  {c.check:<14} {c.result}: {c.evidence}" for c in self.checks().itertuples())
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        failing = "".join(f"<li><b>{c}</b> failed: {r}</li>" for c, r in self.failing)
         return (
-            f"<p>Decomposition: <b>{self.verdict}</b> (lags {self.lags}, {self.method})</p>"
-            + self.to_dataframe().to_html(index=False, float_format="%.4f")
-            + (f"<ul>{failing}</ul>" if failing else "")
+            f"<p>Decomposition: <b>{html.escape(self.verdict)}</b> (lags {self.lags}, {self.method})</p>"
+            + self.checks().to_html(index=False)
         )
 
 
@@ -159,21 +165,21 @@ class _Scorer:
         return float(-log_probs.gather(1, self.target[:, None]).mean())
 
     def row(self, check: str, log_probs: Tensor, failing: list[tuple[str, str]]) -> dict[str, Any]:
-        kl = float(kl_divergence(self.model_log_probs.exp(), log_probs.exp()).clamp_min(0).mean())
+        """The check's numbers, and its verdict in words: every measure with its threshold, failed ones first."""
+        kl = float(kl_divergence(self.model_log_probs, log_probs, kind="log_probs").clamp_min(0).mean())
         loss = self.loss(log_probs)
         gain = self.losses["unigram"] - self.losses["model"]
         recovered = (self.losses["unigram"] - loss) / gain if gain > 1e-9 else None
-        reasons = []
-        if kl > self.kl_threshold:
-            reasons.append(f"KL to the model {kl:.4f} nats (needs <= {self.kl_threshold})")
-        if recovered is not None and recovered < self.recovered_threshold:
-            reasons.append(
-                f"keeps {recovered:.3f} of the model's gain over the unigram (needs >= {self.recovered_threshold})"
-            )
+        measures = [(kl <= self.kl_threshold, f"KL to the model {kl:.4f} nats (needs <= {self.kl_threshold})")]
+        if recovered is not None:
+            kept = f"keeps {recovered:.3f} of the model's gain over the unigram (needs >= {self.recovered_threshold})"
+            measures.append((recovered >= self.recovered_threshold, kept))
+        reasons = [text for ok, text in measures if not ok]
         passed = not reasons
         if reasons:
             failing.append((check, ", ".join(reasons)))
-        row = {"check": check, "kl": kl, "loss": loss, "recovered": recovered, "passed": passed}
+        verdict = "failed: " + ", ".join(reasons) if reasons else "passed: " + ", ".join(t for _, t in measures)
+        row = {"check": check, "kl": kl, "loss": loss, "recovered": recovered, "passed": passed, "verdict": verdict}
         if "bayes" in self.losses:
             row["excess_over_bayes"] = loss - self.losses["bayes"]
         if recovered is None:
@@ -314,39 +320,45 @@ def _surrogate(
     lift = float(best["induction_lift"]) if best is not None else float("nan")
     found = best is not None and lift >= ROLE_THRESHOLD
     where = f"L{int(best['layer'])}H{int(best['head'])}" if best is not None else "none"
-    rows.append({"check": "induction head", "head": where, "induction_lift": lift, "passed": found})
-    if not found:
-        structural.append(
-            (
-                "induction head",
-                f"no head in layers >= 1 has an induction lift >= {ROLE_THRESHOLD} on lags {lags} "
-                f"(best {where}: {lift:.3f})",
-            )
-        )
+    if found:
+        verdict = f"passed: {where} has an induction lift {lift:.3f} on lags {lags} (needs >= {ROLE_THRESHOLD})"
+    else:
+        why = f"no head in layers >= 1 has an induction lift >= {ROLE_THRESHOLD} on lags {lags} (best {where}: "
+        why += f"{lift:.3f})" if best is not None else "no head scored)"
+        structural.append(("induction head", why))
+        verdict = f"failed: {why}"
+    rows.append({"check": "induction head", "head": where, "induction_lift": lift, "passed": found, "verdict": verdict})
     needed = sorted({s - 1 for s in lags if s > 1} | set(lags))
     induction_layer = int(best["layer"]) if found else adapter.n_layers
     mass = _offset_masses(adapter, tokens, max(needed), induction_layer)
     missing = [o for o in needed if mass.get(o, 0.0) < COPIER_MASS]
+    best_mass = {o: round(m, 3) for o, m in mass.items() if o in needed}
+    if missing:
+        why = (
+            f"no head before layer {induction_layer} puts >= {COPIER_MASS:.2f} of its attention on offset(s) {missing}"
+        )
+        structural.append(("copier heads", why))
+        verdict = f"failed: {why}"
+    else:
+        verdict = (
+            f"passed: each offset in {needed} has a head before layer {induction_layer} with {best_mass} of its "
+            f"attention there (needs >= {COPIER_MASS:.2f})"
+        )
     rows.append(
         {
             "check": "copier heads",
             "offsets_needed": str(needed),
-            "best_mass": str({o: round(m, 3) for o, m in mass.items() if o in needed}),
+            "best_mass": str(best_mass),
             "passed": not missing,
+            "verdict": verdict,
         }
     )
-    if missing:
-        structural.append(
-            (
-                "copier heads",
-                f"no head before layer {induction_layer} puts >= {COPIER_MASS:.2f} of its attention on "
-                f"offset(s) {missing}",
-            )
-        )
     d_vocab = adapter.d_vocab
     fits = [(a, gih_predictive(tokens[:, :-1], lags, a, d_vocab=d_vocab)[:, -1].clamp_min(1e-9).log()) for a in A_GRID]
-    model_probs = scorer.model_log_probs.exp()
-    a_best, best_fit = min(fits, key=lambda fit: float(kl_divergence(model_probs, fit[1].exp()).mean()))
+    model_log_probs = scorer.model_log_probs
+    a_best, best_fit = min(
+        fits, key=lambda fit: float(kl_divergence(model_log_probs, fit[1].to(model_log_probs), kind="log_probs").mean())
+    )
     rows.append({**scorer.row("gih fit", best_fit.to(scorer.model_log_probs.device), failing), "a": a_best})
 
 
@@ -373,12 +385,12 @@ def _controls(
     weakest = min(tested) if tested else 0.0
     others = [effects[s] for s in effects if s not in lags]
     ratio = max(others) / weakest if others and weakest > 0 else 0.0
-    rows.append({"check": "controls", "control_ratio": ratio, "passed": ratio <= control_ratio})
-    if ratio > control_ratio:
-        structural.append(
-            (
-                "controls",
-                f"a lag outside {lags} moves the prediction {ratio:.2f}x the weakest of them "
-                f"(needs <= {control_ratio})",
-            )
-        )
+    measure = (
+        f"the lags outside {lags} move the prediction at most {ratio:.2f}x the weakest of them "
+        f"(needs <= {control_ratio})"
+    )
+    passed = ratio <= control_ratio
+    if not passed:
+        structural.append(("controls", measure))
+    verdict = ("passed: " if passed else "failed: ") + measure
+    rows.append({"check": "controls", "control_ratio": ratio, "passed": passed, "verdict": verdict})

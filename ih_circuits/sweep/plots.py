@@ -148,7 +148,7 @@ def _draw_maps(
     n_rows, n_cols = len(layout.row_values), len(layout.col_values)
     width = max(6.5, panel_cols * (n_cols * CELL_WIDTH + 1.6) + 1.2)
     height = max(2.6, panel_rows * (n_rows * CELL_HEIGHT + 1.3) + 1.0)
-    figure, axes = _figure(width, height, ncols=panel_cols, nrows=panel_rows, layout="constrained")
+    figure, axes = _figure(width, height, ncols=panel_cols, nrows=panel_rows)
     image = None
     for axis, panel in zip(axes, layout.panel_values, strict=False):
         grid = np.full((n_rows, n_cols), np.nan)
@@ -337,7 +337,7 @@ def plot_margin(results: pd.DataFrame) -> Figure:
     _check_results(results)
     cells = cell_table(results)
     drawn = cells[(cells["ok"] > 0) & cells["theory_margin"].notna()]
-    figure, (axis,) = _figure(6.5, 3.6, layout="constrained")
+    figure, (axis,) = _figure(6.5, 3.6)
     for agrees, color, label in ((True, "tab:green", "agrees in every seed"), (False, DISAGREEMENT_COLOR, "disagrees")):
         group = drawn[drawn["agrees"] == agrees]
         axis.scatter(
