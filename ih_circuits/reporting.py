@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 24px auto; color: #222; }
-table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
+table { border-collapse: collapse; margin: 8px 0; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 .verdict-true { color: #186a3b; font-weight: bold; } .verdict-false { color: #a93226; font-weight: bold; }
 img { max-width: 100%; } h2 { border-bottom: 1px solid #ddd; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; } .note { color: #555; }
@@ -151,7 +152,7 @@ def report(
 <h2>Verdicts</h2>
 {_table(verdicts)}
 <p class="verdict-{str(decomposition.holds).lower()}">Decomposition: {html.escape(decomposition.verdict)}</p>
-{decomposition.checks().to_html(index=False)}
+{decomposition.checks().to_html(index=False, justify="left")}
 <p>Query-row losses (nats): {html.escape(", ".join(f"{k} {v:.4f}" for k, v in decomposition.losses.items()))}</p>
 <h2>Attention (interactive; * marks the keys the last row should attend to)</h2>
 <script>{circuitsvis_bundle()}</script>

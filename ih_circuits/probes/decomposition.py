@@ -108,7 +108,7 @@ class DecompositionReport:
     def _repr_html_(self) -> str:
         return (
             f"<p>Decomposition: <b>{html.escape(self.verdict)}</b> (lags {self.lags}, {self.method})</p>"
-            + self.checks().to_html(index=False)
+            + self.checks().to_html(index=False, justify="left")
         )
 
 
