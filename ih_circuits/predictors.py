@@ -288,8 +288,10 @@ def log_probabilities(
     """``scores`` as log-probabilities, from probabilities or log-probabilities, refusing anything else.
 
     ``kind="auto"`` decides by the values: non-negative rows summing to 1 are probabilities, non-positive rows
-    with logsumexp 0 are log-probabilities (no row can be both). Logits, NaN, or a ``kind`` the values
-    contradict raise ``ValueError`` naming ``name`` before anything is scored.
+    with logsumexp 0 are log-probabilities (no row with more than one entry can be both). Both hold to within
+    ``ROW_TOLERANCE``, which also admits log-probabilities that float rounding put just above 0 (their NLL is then
+    a rounding error below 0). Logits, NaN, or a ``kind`` the values contradict raise ``ValueError`` naming
+    ``name`` before anything is scored.
 
     >>> log_probabilities(torch.tensor([[0.5, 0.5]])).exp().tolist()
     [[0.5, 0.5]]
@@ -310,7 +312,9 @@ def log_probabilities(
     if kind == "probs" and not as_probs:
         raise ValueError(f"{name} with kind='probs' must be non-negative rows summing to 1")
     if kind == "log_probs" and not as_log:
-        raise ValueError(f"{name} with kind='log_probs' must be non-positive rows with logsumexp 0")
+        raise ValueError(
+            f"{name} with kind='log_probs' must be non-positive rows (to within {ROW_TOLERANCE}) with logsumexp 0"
+        )
     return scores.log() if as_probs else scores
 
 

@@ -154,7 +154,7 @@ def report(
 <p class="verdict-{str(decomposition.holds).lower()}">Decomposition: {html.escape(decomposition.verdict)}</p>
 {decomposition.checks().to_html(index=False, justify="left")}
 <p>Query-row losses (nats): {html.escape(", ".join(f"{k} {v:.4f}" for k, v in decomposition.losses.items()))}</p>
-<h2>Attention (interactive; * marks the keys the last row should attend to)</h2>
+<h2>Attention (interactive; * marks the keys the classifier's last row should attend to)</h2>
 <script>{circuitsvis_bundle()}</script>
 {view_html}
 <h2>Figures</h2>

@@ -10,6 +10,7 @@ the functions, so ``import ih_circuits`` stays quick. Figures are returned as ma
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from ih_circuits.chain import history_codes
+from ih_circuits.chain import history_codes, validate_lags
 from ih_circuits.checkpoint import atomic_write_text
 from ih_circuits.history import copier_weights, selector_shares
 from ih_circuits.probes import DecompositionReport, ParentReport
@@ -46,8 +47,9 @@ class HTMLView:
 
     def __repr__(self) -> str:
         """The view's headings and size, not the inlined bundle (megabytes of JavaScript)."""
-        headings = re.findall(r"<h[1-6]>(.*?)</h[1-6]>", self.html)
-        return f"HTMLView({'; '.join(headings) or 'no heading'}; {len(self.html) / 1e6:.1f} MB, shown by Jupyter)"
+        headings = [html.unescape(h) for h in re.findall(r"<h[1-6]>(.*?)</h[1-6]>", self.html.split("<script", 1)[0])]
+        size = len(self.html.encode()) / 1e6
+        return f"HTMLView({'; '.join(headings) or 'no heading'}; {size:.1f} MB, shown by Jupyter)"
 
     def save(self, path: str | Path) -> Path:
         """Write a standalone HTML page (atomically)."""
@@ -114,6 +116,8 @@ def attention_data(
 
     adapter = adapt(model)
     adapter.check_layer(layer, "layer")
+    if lags is not None:
+        lags = validate_lags(lags, "lags")
     if tokens.ndim == 1:
         tokens = tokens[None]
     tokens = tokens[:1].to(adapter.device)
@@ -161,10 +165,10 @@ def attention_view(
     """A circuitsvis attention view of one layer (see ``attention_data``), with its JavaScript inlined."""
     data = attention_data(model, tokens, layer, task, last=last, lags=lags)
     element = f"ih-attention-layer{layer}"
-    html = f"<h4>{data.title}</h4><script>{circuitsvis_bundle()}</script>" + render_calls(
+    page = f"<h4>{html.escape(data.title)}</h4><script>{circuitsvis_bundle()}</script>" + render_calls(
         [(element, data.component, data.props)]
     )
-    return HTMLView(html)
+    return HTMLView(page)
 
 
 SHOWCASE_CANDIDATES = 64

@@ -52,7 +52,7 @@ window.addEventListener('load', () => setTimeout(() => {
     colour: views.map(v => largest(v) ? coloured(largest(v)) : 0),
     images: images.map(i => i.complete && i.naturalWidth > 0),
   }));
-}, 1500));</script>"""
+}, 3000));  // after any chart animation has drawn (Chart.js's default lasts 1 s)</script>"""
 
 
 def chromium() -> str:
@@ -93,7 +93,7 @@ def test_the_demo_report_renders_offline_in_headless_chromium(tmp_path):
     assert len(probe["views"]) == 2 and all(n > 20 for n in probe["views"])  # both circuitsvis views mounted
     # Visible attention: a blank view has no coloured pixel at all (the classifier view on the old near-constant
     # sequence measured 0.0); on the demo's model the copier and classifier heatmaps measured 2.5% and 1.4% of
-    # their canvas (1.2% after 30 steps). 0.4% is about six fully attended cells of the 32 x 32 grid.
+    # their canvas. 0.4% is about six fully attended cells of the 32 x 32 grid.
     assert all(share > 0.004 for share in probe["colour"]), probe["colour"]
     assert len(probe["images"]) == 7 and all(probe["images"])
     assert "Uncaught" not in dom.stderr

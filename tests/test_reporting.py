@@ -73,7 +73,8 @@ def test_a_failing_model_s_report_says_failed_and_why(tmp_path):
     page = report(tmp_path / "ckpt", tmp_path / "report.html", small_task(), n_sequences=64).read_text()
     assert "Decomposition: not a GIH circuit" in page
     expected = (
-        r"<td>selector</td>\s*<td>failed</td>\s*<td>the model uses lags \(1, 3\); the data's parents are \(1, 2\)"
+        r"<td>selector \(structure\)</td>\s*<td>failed</td>\s*"
+        r"<td>the model uses lags \(1, 3\); the data's parents are \(1, 2\)"
     )
     assert re.search(expected, page.replace("&#x27;", "'"))
     assert not re.search(r"<td>\s*(nan|NaN|None)?\s*</td>", page)

@@ -72,6 +72,10 @@ def test_recovered_is_explained_when_the_model_does_not_beat_the_unigram(setup):
     undefined = frame[frame["recovered"].isna() & frame["check"].ne("controls")]
     assert len(undefined) > 0
     assert undefined["note"].str.contains("recovered is undefined: the model's loss").all()
+    # The words say it too: in checks(), the printed report and so the HTML report.
+    replaced = report.checks().set_index("check").loc[["copier", "selector", "classifier", "all"], "evidence"]
+    assert replaced.str.contains("recovered is undefined: the model's loss").all()
+    assert "recovered is undefined" in repr(report)
 
 
 def test_a_log_probability_rounded_above_zero_is_accepted():
@@ -104,5 +108,28 @@ def test_every_decomposition_check_says_passed_or_failed_with_its_threshold(setu
         task,
         n_sequences=64,
     ).checks()
-    assert ("selector", "failed") in set(zip(wrong["check"], wrong["result"], strict=True))
+    # Its replacement checks pass while the structure fails: the two carry different names, so no check reads
+    # both passed and failed.
+    assert ("selector", "passed") in set(zip(wrong["check"], wrong["result"], strict=True))
+    assert ("selector (structure)", "failed") in set(zip(wrong["check"], wrong["result"], strict=True))
+    assert wrong["check"].is_unique
     assert wrong["evidence"].str.contains("the data's parents are (1, 2)", regex=False).any()
+
+
+def test_the_controls_say_why_when_they_cannot_compare(without_runtime_typecheck):
+    """No lag outside the tested ones: nothing to compare, said so. A tested lag that moves nothing: failed.
+    (A stand-in carries the query effects, so the runtime type check, which wants a ParentReport, is off.)"""
+    from types import SimpleNamespace
+
+    from ih_circuits.probes.decomposition import _controls
+
+    rows, structural = [], []
+    _controls(SimpleNamespace(query_effects={1: 0.8, 2: 0.5}), (1, 2), 0.25, rows, structural)
+    assert rows[-1]["passed"] and "no probed lag lies outside (1, 2)" in rows[-1]["verdict"] and not structural
+    _controls(SimpleNamespace(query_effects={1: 0.8, 2: 0.0, 3: 0.01}), (1, 2), 0.25, rows, structural)
+    assert not rows[-1]["passed"] and rows[-1]["control_ratio"] == float("inf")
+    assert rows[-1]["verdict"].startswith("failed: a lag of (1, 2) does not move the prediction at all")
+    _controls(SimpleNamespace(query_effects={1: 0.8, 2: 0.4, 3: 0.2}), (1, 2), 0.25, rows, structural)
+    assert rows[-1]["verdict"] == (
+        "failed: the lags outside (1, 2) move the prediction at most 0.50x the weakest of them (needs <= 0.25)"
+    )

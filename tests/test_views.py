@@ -33,12 +33,27 @@ def test_attention_views_inline_the_bundle_and_mark_lags(run):
     assert (
         repr(classifier).startswith("HTMLView(Layer 1 (classifier): each row attends") and len(repr(classifier)) < 400
     )
-    assert repr(classifier).endswith("1.3 MB, shown by Jupyter)")
+    assert re.search(r"; \d+\.\d MB, shown by Jupyter\)$", repr(classifier))
 
 
-def test_attention_view_rejects_a_bad_layer(run):
+def test_attention_view_rejects_a_bad_layer_or_bad_lags(run):
+    tokens = run.task.sample(1, seed=0).tokens
     with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 1\]; got 2"):
-        views.attention_data(run.model, run.task.sample(1, seed=0).tokens, layer=2)
+        views.attention_data(run.model, tokens, layer=2)
+    # Lag 0 would read the stand-in for the token after the sequence and mark keys by the last token itself.
+    with pytest.raises(ValueError, match=r"every lag in lags=\(0,\) must be an integer"):
+        views.attention_data(run.model, tokens, layer=1, lags=(0,))
+    with pytest.raises(ValueError, match="lags must not repeat a lag"):
+        views.attention_data(run.model, tokens, layer=1, lags=(1, 1))
+
+
+def test_a_title_is_escaped_in_a_standalone_view(run, monkeypatch):
+    data = views.attention_data(run.model, run.task.sample(1, seed=0).tokens, 1, run.task)
+    monkeypatch.setattr(
+        views, "attention_data", lambda *args, **kwargs: views.AttentionData(data.component, data.props, "<b>x</b>")
+    )
+    view = views.attention_view(run.model, run.task.sample(1, seed=0).tokens, 1, run.task)
+    assert view.html.startswith("<h4>&lt;b&gt;x&lt;/b&gt;</h4>") and repr(view).startswith("HTMLView(<b>x</b>;")
 
 
 def test_attention_views_of_any_layer_of_another_model_have_neutral_titles():

@@ -93,10 +93,15 @@ class DecompositionReport:
     def checks(self) -> pd.DataFrame:
         """Every check in words: ``check``, ``result`` ("passed" or "failed") and ``evidence`` (the measured numbers
         with their thresholds), one row per measured check, then the failed structural checks that have no row
-        (no used lag, diffuse or duplicate copiers, parents other than the data's)."""
+        (no used lag, diffuse or duplicate copiers, parents other than the data's), named "<part> (structure)"
+        where a measured check already bears the part's name (its replacement can pass while its structure fails).
+        """
         lines = [(row["check"], *row["verdict"].split(": ", 1)) for row in self.rows]
         explained = {(check, evidence) for check, result, evidence in lines if result == "failed"}
-        lines += [(check, "failed", why) for check, why in self.failing if (check, why) not in explained]
+        measured = {row["check"] for row in self.rows}
+        for check, why in self.failing:
+            if (check, why) not in explained:
+                lines.append((f"{check} (structure)" if check in measured else check, "failed", why))
         return pd.DataFrame(lines, columns=["check", "result", "evidence"])
 
     def __repr__(self) -> str:
@@ -165,13 +170,20 @@ class _Scorer:
         return float(-log_probs.gather(1, self.target[:, None]).mean())
 
     def row(self, check: str, log_probs: Tensor, failing: list[tuple[str, str]]) -> dict[str, Any]:
-        """The check's numbers, and its verdict in words: every measure with its threshold, failed ones first."""
+        """The check's numbers, and its verdict in words: the failed measures with their thresholds, or, when none
+        failed, every measure (and why ``recovered`` is not, when the model has no gain over the unigram)."""
         kl = float(kl_divergence(self.model_log_probs, log_probs, kind="log_probs").clamp_min(0).mean())
         loss = self.loss(log_probs)
         gain = self.losses["unigram"] - self.losses["model"]
         recovered = (self.losses["unigram"] - loss) / gain if gain > 1e-9 else None
         measures = [(kl <= self.kl_threshold, f"KL to the model {kl:.4f} nats (needs <= {self.kl_threshold})")]
-        if recovered is not None:
+        undefined = (
+            f"recovered is undefined: the model's loss {self.losses['model']:.4f} is not below the in-context "
+            f"unigram's {self.losses['unigram']:.4f}, so it has no gain to keep"
+        )
+        if recovered is None:
+            measures.append((True, undefined))
+        else:
             kept = f"keeps {recovered:.3f} of the model's gain over the unigram (needs >= {self.recovered_threshold})"
             measures.append((recovered >= self.recovered_threshold, kept))
         reasons = [text for ok, text in measures if not ok]
@@ -183,10 +195,7 @@ class _Scorer:
         if "bayes" in self.losses:
             row["excess_over_bayes"] = loss - self.losses["bayes"]
         if recovered is None:
-            row["note"] = (
-                f"recovered is undefined: the model's loss {self.losses['model']:.4f} is not below the in-context "
-                f"unigram's {self.losses['unigram']:.4f}, so it has no gain to keep"
-            )
+            row["note"] = undefined
         return row
 
 
@@ -332,17 +341,18 @@ def _surrogate(
     induction_layer = int(best["layer"]) if found else adapter.n_layers
     mass = _offset_masses(adapter, tokens, max(needed), induction_layer)
     missing = [o for o in needed if mass.get(o, 0.0) < COPIER_MASS]
-    best_mass = {o: round(m, 3) for o, m in mass.items() if o in needed}
+    best_mass = {o: round(mass.get(o, 0.0), 3) for o in needed}
     if missing:
         why = (
-            f"no head before layer {induction_layer} puts >= {COPIER_MASS:.2f} of its attention on offset(s) {missing}"
+            f"no head before layer {induction_layer} puts >= {COPIER_MASS:.3f} of its attention on offset(s) "
+            f"{missing} (best { ({o: best_mass[o] for o in missing}) })"
         )
         structural.append(("copier heads", why))
         verdict = f"failed: {why}"
     else:
         verdict = (
             f"passed: each offset in {needed} has a head before layer {induction_layer} with {best_mass} of its "
-            f"attention there (needs >= {COPIER_MASS:.2f})"
+            f"attention there (needs >= {COPIER_MASS:.3f})"
         )
     rows.append(
         {
@@ -379,16 +389,27 @@ def _controls(
     rows: list[dict[str, Any]],
     structural: list[tuple[str, str]],
 ) -> None:
-    """A lag outside ``lags`` must move the query prediction less than ``control_ratio`` x the weakest parent."""
+    """A lag outside ``lags`` must move the query prediction less than ``control_ratio`` x the weakest parent.
+
+    With no probed lag outside ``lags`` there is nothing to compare (passed, and said so); a lag of ``lags`` that
+    does not move the prediction at all makes the ratio infinite (failed).
+    """
     effects = parents.query_effects
     tested = [effects[s] for s in lags if s in effects]
     weakest = min(tested) if tested else 0.0
     others = [effects[s] for s in effects if s not in lags]
-    ratio = max(others) / weakest if others and weakest > 0 else 0.0
-    measure = (
-        f"the lags outside {lags} move the prediction at most {ratio:.2f}x the weakest of them "
-        f"(needs <= {control_ratio})"
-    )
+    if not others:
+        ratio = 0.0
+        measure = f"no probed lag lies outside {lags}, so there is nothing to compare (needs <= {control_ratio})"
+    elif weakest <= 0:
+        ratio = math.inf
+        measure = f"a lag of {lags} does not move the prediction at all, so nothing outside can be compared with it"
+    else:
+        ratio = max(others) / weakest
+        measure = (
+            f"the lags outside {lags} move the prediction at most {ratio:.2f}x the weakest of them "
+            f"(needs <= {control_ratio})"
+        )
     passed = ratio <= control_ratio
     if not passed:
         structural.append(("controls", measure))
