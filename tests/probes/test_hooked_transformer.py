@@ -10,6 +10,7 @@ has its own recipes, measured on this 2-core machine:
 - n-gram parents (1, 2): d_model 32, 2 heads, initializer_range 0.05, Adam lr 3e-3, 1000 steps (~30 s).
   Seeds 0 and 1: parents (1, 2) = truth = theory, verdict "GIH circuit with smoothing"; after 500 steps the
   parents are already right but the copier heads are not yet formed ("not a GIH circuit").
+Re-measured with TransformerLens 3.x on seed 0 for the loss and patching bounds below (each comment gives the value).
 """
 
 import pytest
@@ -33,9 +34,9 @@ def test_hooked_transformer_on_repeated_tokens_forms_an_induction_head():
     source = RepeatedTokens(vocab_size=32, seq_len=40, min_period=4, max_period=12)
     model = hooked(source, d_model=32, n_heads=2)
     losses = train_on_source(model, source, steps=800, batch_size=64, lr=2e-3, seed=0)
-    # Final loss 0.88-0.89 (module docstring). An untrained model starts near ln 32 = 3.47 (not re-measured: needs
-    # TL 3.x), so 0.6x (~2.1) also admits the 1.8 plateau; the query effects below are what test the head.
-    assert losses["loss"].iloc[-20:].mean() < 0.6 * losses["loss"].iloc[:5].mean()
+    # Measured on TL 3.x (seed 0): first 5 steps 3.59, last 20 0.887, i.e. 0.25x. The plateau the model sits on
+    # without an induction head is 1.8 (0.50x), so 0.4x separates the two.
+    assert losses["loss"].iloc[-20:].mean() < 0.4 * losses["loss"].iloc[:5].mean()
     report = find_parents(model, source, n_sequences=256, max_lag=14)
     assert report.lags[0] == 1 and set(report.lags) <= {1, 2}, report.summary()
     # Module docstring, seeds 0-2: lag-1 effect 4.3-4.8 nats (2x over 2.0), lags >= 3 below 0.06.
@@ -43,8 +44,8 @@ def test_hooked_transformer_on_repeated_tokens_forms_an_induction_head():
     heads = scan_heads(model, source, lags=(1,), n_sequences=64)
     assert set(heads[heads["role"] == "induction"]["layer"]) == {1}
     patching = head_patching(model, source, 1, n_sequences=64)
-    # No recorded measurement (needs TL 3.x): 0.3 asks that some head restore a clear share of the lag-1 effect.
-    assert patching["restored"].max() > 0.3 and len(patching) == 4
+    # Measured on TL 3.x: L1H0 restores 0.96 of the lag-1 effect, the others 0.05-0.34; asked for over 0.6.
+    assert patching["restored"].max() > 0.6 and len(patching) == 4
     view = views.attention_data(model, source.sample(1, seed=0), 1, lags=(1,))
     assert view.props["attention"].shape == (2, 32, 32) and "HookedTransformer" in view.title  # the last 32 positions
 
@@ -53,9 +54,9 @@ def test_hooked_transformer_on_ngrams_reports_its_parents_and_a_gih_circuit():
     task = NGramTask(vocab_size=3, parents=(1, 2), seq_len=41, alpha=0.1)
     model = hooked(task, d_model=32, n_heads=2, initializer_range=0.05)
     losses = train_on_source(model, task, steps=1000, batch_size=128, lr=3e-3, seed=0)
-    # No recorded measurement (needs TL 3.x). For scale, on this task (T = 41) the Bayes loss measures 0.43 and the
-    # in-context unigram 0.87 nats against ln 3 = 1.10 untrained, so 0.2 asks for a real but partial drop.
-    assert losses["loss"].iloc[-20:].mean() < losses["loss"].iloc[:5].mean() - 0.2
+    # Measured on TL 3.x (seed 0): first 5 steps 0.97, last 20 0.50 nats. On this task (T = 41) the Bayes loss
+    # measures 0.43 and the in-context unigram 0.87, so below 0.65 asks for most of the way from the unigram.
+    assert losses["loss"].iloc[-20:].mean() < 0.65
     report = find_parents(model, task, n_sequences=512)
     assert report.lags == (1, 2) and report.matches_truth and report.matches_theory, report.summary()
     verdict = decomposition_test(model, task, n_sequences=128)
