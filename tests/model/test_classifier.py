@@ -168,8 +168,9 @@ def test_attend_equals_the_loop_on_feature_inner_products(a):
 
 
 def window_inputs(seed: int, n_pos: int = 9, n_codes: int = 6):
+    """A kernel table over window codes (a leaf that records its gradient), codes and tokens for 2 sequences."""
     generator = torch.Generator().manual_seed(seed)
-    table = torch.rand(n_codes, n_codes, generator=generator, dtype=torch.float64)
+    table = torch.rand(n_codes, n_codes, generator=generator, dtype=torch.float64).requires_grad_()
     codes = torch.randint(0, n_codes, (2, n_pos), generator=generator)
     return table, codes, random_tokens(2, n_pos, seed=seed)
 
@@ -179,7 +180,6 @@ def window_inputs(seed: int, n_pos: int = 9, n_codes: int = 6):
 def test_from_window_row_equals_the_loop_and_its_gradient(a, row):
     """One query row, K(row, j) = table[code_row, code_j]; the table's gradient is summed per code pair."""
     table, codes, tokens = window_inputs(seed=7)
-    table.requires_grad_()
     classifier = make_classifier(a)
     got = classifier.from_window_row(table, codes, tokens, row)
     assert got.shape == (2, 1, D)
@@ -200,7 +200,6 @@ def test_from_window_row_equals_the_loop_and_its_gradient(a, row):
 @pytest.mark.parametrize("a", [0.7, -3.0, 12.0])
 def test_from_window_blocks_equals_the_loop_at_every_row_for_any_block_length(a, block):
     table, codes, tokens = window_inputs(seed=9)
-    table.requires_grad_()
     classifier = make_classifier(a)
     got = classifier.from_window_blocks(table, codes, embed(tokens), block)
     assert got.shape == (2, 9, D)
