@@ -140,11 +140,9 @@ def attention_data(
         title = f"Layer {layer} attention of {adapter.name} (heads named by their dominant offset)"
     lags = lags if lags is not None else (task.parents if task is not None else None)
     if lags:
-        # The last row predicts the token after the sequence, whose history reads only tokens already here: a
-        # copy of the last token stands in for it, and no key can offer it (keys offer tokens up to the row).
-        extended = torch.cat([tokens, tokens[:, -1:]], dim=1)
+        # The last row predicts the token after the sequence: history_matches knows its history (target T).
         rows = torch.tensor([n_pos - 1], device=tokens.device)
-        match = history_matches(extended, tuple(lags), rows, adapter.value_offset)[0, 0, :n_pos]
+        match = history_matches(tokens, tuple(lags), rows, adapter.value_offset)[0, 0]
         for key in torch.nonzero(match).flatten().tolist():
             labels[key] += "*"
         title += f"; * marks the keys whose history over lags {tuple(lags)} matches that of the last row's next token"

@@ -40,7 +40,7 @@ def test_attention_view_rejects_a_bad_layer_or_bad_lags(run):
     tokens = run.task.sample(1, seed=0).tokens
     with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 1\]; got 2"):
         views.attention_data(run.model, tokens, layer=2)
-    # Lag 0 would read the stand-in for the token after the sequence and mark keys by the last token itself.
+    # Lag 0 is the token itself, not a lag: refused with the argument's name rather than misread.
     with pytest.raises(ValueError, match=r"every lag in lags=\(0,\) must be an integer"):
         views.attention_data(run.model, tokens, layer=1, lags=(0,))
     with pytest.raises(ValueError, match="lags must not repeat a lag"):
