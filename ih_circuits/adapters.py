@@ -7,9 +7,10 @@ The probes ask a model a few questions: its vocabulary and context, its attentio
 next-token log-probabilities at the query row, and where the query row's *history* lives (the activation
 that carries what the query has gathered about its own recent tokens before it is matched against the
 context). ``TransformerLensAdapter`` answers them for any TransformerLens model (``HookedTransformer`` or
-``TransformerBridge``, any depth): the history is the residual stream entering layer ``query_layer``
-(default 1: what layer 0 gathered). ``IHAdapter`` answers them for ``IHTransformer``, whose history is
-the copier output, and adds the white-box read-outs (copier weights, selector shares, scale a).
+``TransformerBridge``, any depth): the history is the residual stream entering a layer that the probe session
+chooses (``ih_circuits.probes.session``). ``IHAdapter`` answers them for ``IHTransformer``, whose history is
+the copier output, and offers its white-box parts (``parts``: copier weights, selector shares, scale a); the
+probes ask ``adapter.parts is not None``, never the adapter's type.
 
 Conventions shared by all adapters: row t of the output predicts token t+1 from tokens 0..t; the query
 row is T-2 (it predicts the last token); key position j of an attention pattern offers, as its value, the
@@ -34,9 +35,10 @@ class TransformerLensAdapter:
     """Any TransformerLens model with ``cfg``, ``run_with_cache``, ``run_with_hooks`` and per-layer
     ``blocks.{l}.attn.hook_pattern`` / ``blocks.{l}.hook_resid_pre`` hooks; its output is next-token logits."""
 
-    white_box = False
     exact_vocab = False
     value_offset = 0
+    parts: IHTransformer | None = None
+    """The white-box parts (copier weights, selector shares, scale a) where the model has them, else None."""
 
     def __init__(self, model: nn.Module) -> None:
         cfg = getattr(model, "cfg", None)
@@ -66,15 +68,6 @@ class TransformerLensAdapter:
     def check_layer(self, layer: int, name: str) -> int:
         return check_int(layer, name, 0, self.n_layers - 1)
 
-    def default_query_layer(self) -> int:
-        """Layer at which the query's history meets the context: 1 (after layer 0 gathered it), 0 for one layer."""
-        return min(1, self.n_layers - 1)
-
-    def history_site(self, query_layer: int | None) -> str:
-        """The hook whose query row holds what the query gathered before layer ``query_layer``."""
-        layer = self.default_query_layer() if query_layer is None else self.check_layer(query_layer, "query_layer")
-        return f"blocks.{layer}.hook_resid_pre"
-
     @torch.no_grad()
     def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
         """log p(x_{T-1} | x_0..x_{T-2}): the query row's next-token distribution, in chunks."""
@@ -98,35 +91,6 @@ class TransformerLensAdapter:
         _, cache = self.model.run_with_cache(tokens, names_filter=lambda hook: hook == site)
         return cache[site]
 
-    @torch.no_grad()
-    def corrupted_log_probs(
-        self, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"], query_layer: int | None
-    ) -> tuple[Float[Tensor, "batch d_vocab"], Float[Tensor, "batch d_vocab"]]:
-        """Query-row predictions under a corruption: everywhere (total) and on the query side only.
-
-        *Total*: the model run on ``corrupted``. *Query side*: the model run on ``clean`` with the query row of
-        the history site taken from the corrupted run, so the corruption reaches the prediction only through
-        what the query gathered about its own recent tokens; every other position (the context that holds
-        the copied evidence, the keys and values the query reads) stays clean.
-        """
-        site = self.history_site(query_layer)
-        row = clean.shape[1] - 2
-        totals, query_side = [], []
-        for clean_part, corrupted_part in zip(clean.split(CHUNK), corrupted.split(CHUNK), strict=True):
-            output, cache = self.model.run_with_cache(corrupted_part, names_filter=lambda hook: hook == site)
-            totals.append(self._log_probs(output, row))
-            patched = cache[site][:, row]
-            query_side.append(self._log_probs(self._run_with_row(clean_part, site, row, patched), row))
-        return torch.cat(totals), torch.cat(query_side)
-
-    def _run_with_row(self, tokens: Tensor, site: str, row: int, value: Tensor) -> Tensor:
-        def replace(activation: Tensor, hook: object) -> Tensor:
-            activation = activation.clone()
-            activation[:, row] = value.to(activation.dtype)
-            return activation
-
-        return self.model.run_with_hooks(tokens, fwd_hooks=[(site, replace)])
-
     def n_heads(self, layer: int) -> int:
         return int(self.model.cfg.n_heads)
 
@@ -141,22 +105,22 @@ class IHAdapter(TransformerLensAdapter):
     classifier holds token j+1 (``value_offset = 1``); the vocabulary must match the task's exactly.
     """
 
-    white_box = True
     exact_vocab = True
     value_offset = 1
 
     def __init__(self, model: IHTransformer) -> None:
         super().__init__(model)
-        self.ih = model
+        self.parts = model
 
     def history_site(self, query_layer: int | None) -> str:
+        """The copier output: what the classifier queries with (``query_layer`` must be None or 1)."""
         if query_layer not in (None, 1):
             raise ValueError(f"query_layer must be None or 1 for IHTransformer (the classifier); got {query_layer!r}")
         return "blocks.0.attn.hook_result"
 
     @torch.no_grad()
     def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
-        parts = [self.ih.query_log_probs(part).float() for part in tokens.split(CHUNK)]
+        parts = [self.parts.query_log_probs(part).float() for part in tokens.split(CHUNK)]
         return torch.cat(parts)
 
     @torch.no_grad()
@@ -165,7 +129,7 @@ class IHAdapter(TransformerLensAdapter):
         return super().patterns(tokens, layer)[:, : self.n_heads(layer)]
 
     def n_heads(self, layer: int) -> int:
-        return self.ih.heads_per_layer[layer]
+        return self.parts.heads_per_layer[layer]
 
 
 def white_box(model: nn.Module) -> IHTransformer | None:

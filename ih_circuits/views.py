@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ih_circuits.chain import history_codes, validate_lags
 from ih_circuits.checkpoint import atomic_write_text
 from ih_circuits.history import copier_weights, selector_shares
-from ih_circuits.probes import DecompositionReport, ParentReport
+from ih_circuits.probes import DecompositionReport, ParentReport, ProbeSession
 from ih_circuits.seeds import derive_seed
 from ih_circuits.task import NGramTask
 
@@ -101,6 +101,7 @@ def attention_data(
     *,
     last: int = 32,
     lags: tuple[int, ...] | None = None,
+    roles: pd.DataFrame | None = None,
 ) -> AttentionData:
     """Patterns of one layer (any layer, any TransformerLens model) on one sequence, cut to the last ``last``
     positions.
@@ -109,10 +110,13 @@ def attention_data(
     ``IHTransformer``'s copier, by the lag they copy. The last row predicts the token after the sequence; the
     keys offering a token whose history over ``lags`` (default the task's parents) matches that next token's are
     marked with ``*``: they are where an induction head's last row attends (for ``IHTransformer`` key j holds
-    token j+1, so the mark sits on j). Titles tell the paper's story only for ``IHTransformer``.
+    token j+1, so the mark sits on j). Titles tell the paper's story only for ``IHTransformer``. ``roles`` (a
+    ``ProbeSession.heads()`` table) names heads by their role from the session's batch instead
+    (``L0H1 copier (offset 1)``, ``L1H0 induction``): the same roles ``scan_heads`` and the decomposition use.
     """
-    from ih_circuits.adapters import IHAdapter, adapt
-    from ih_circuits.probes.heads import copier_probe, history_matches, offset_mass
+    from ih_circuits.adapters import adapt
+    from ih_circuits.probes.heads import copier_report, history_matches
+    from ih_circuits.probes.roles import offset_table
 
     adapter = adapt(model)
     adapter.check_layer(layer, "layer")
@@ -125,17 +129,27 @@ def attention_data(
     n_pos = tokens.shape[1]
     start = max(0, n_pos - last)
     labels = [f"{t}:{int(x)}" for t, x in enumerate(tokens[0].tolist())]
-    ours = isinstance(adapter, IHAdapter)
-    if ours and layer == 0:
-        copier_lags = copier_probe(model, task).dominant_lags if task is not None else None
+    ours = adapter.parts is not None
+    if roles is not None:
+        chosen = roles[roles["layer"] == layer]
+        heads = [
+            f"L{layer}H{int(r.head)} {r.role}" + ("" if r.role == "induction" else f" (offset {int(r.offset)})")
+            for r in chosen.itertuples()
+        ]
+        title = f"Layer {layer} attention of {adapter.name} (heads named by their role)"
+    elif ours and layer == 0:
+        copier_lags = (
+            copier_report(adapter, pattern[None], adapter.parts.config.max_lag, 0).dominant_lags
+            if task is not None
+            else None
+        )
         heads = [f"head {h}" + (f" (lag {copier_lags[h]})" if copier_lags else "") for h in range(pattern.shape[0])]
         title = "Layer 0 (copier): each head attends to one lag"
     elif ours:
         heads = [f"head {h}" for h in range(pattern.shape[0])]
         title = "Layer 1 (classifier): each row attends to the keys whose parent history matches its next token's"
     else:
-        max_offset = max(1, min(8, n_pos - 1))
-        offsets = offset_mass(pattern[None], max_offset).argmax(-1).tolist()
+        offsets = offset_table({layer: pattern[None]}, n_pos - 1)["offset"].tolist()
         heads = [f"L{layer}H{h} (offset {o})" for h, o in enumerate(offsets)]
         title = f"Layer {layer} attention of {adapter.name} (heads named by their dominant offset)"
     lags = lags if lags is not None else (task.parents if task is not None else None)
@@ -159,14 +173,23 @@ def attention_view(
     *,
     last: int = 32,
     lags: tuple[int, ...] | None = None,
+    roles: pd.DataFrame | None = None,
 ) -> HTMLView:
     """A circuitsvis attention view of one layer (see ``attention_data``), with its JavaScript inlined."""
-    data = attention_data(model, tokens, layer, task, last=last, lags=lags)
+    data = attention_data(model, tokens, layer, task, last=last, lags=lags, roles=roles)
     element = f"ih-attention-layer{layer}"
     page = f"<h4>{html.escape(data.title)}</h4><script>{circuitsvis_bundle()}</script>" + render_calls(
         [(element, data.component, data.props)]
     )
     return HTMLView(page)
+
+
+def session_view(session: ProbeSession, layer: int, *, last: int = 32) -> HTMLView:
+    """The attention view of ``layer`` on the session's first sequence, heads named by the session's roles and
+    keys marked for its found parents (else lag 1)."""
+    lags = session.behaviour.used_lags or (1,)
+    roles = session.heads(lags)
+    return attention_view(session.model, session.tokens[:1], layer, last=last, lags=lags, roles=roles)
 
 
 SHOWCASE_CANDIDATES = 64
@@ -311,15 +334,16 @@ def plot_losses(history: pd.DataFrame) -> Figure:
 
 
 def plot_parent_effects(report: ParentReport) -> Figure:
-    """Query-side effect of resampling each lag (±2 stderr; the total effect as a black tick), with the
+    """Query-side effect of resampling each lag (±2 stderr; the total effect as a black tick where it was measured), with the
     linear-probe accuracy. Green bars are the true parents when the data knows them, else the used lags."""
     frame = report.to_dataframe()
     figure, axes = _figure(9.0, 3.0, ncols=2)
     marked = frame["true_parent"] if "true_parent" in frame else frame["used"]
     colors = ["tab:green" if p else "tab:gray" for p in marked]
     axes[0].bar(frame["lag"], frame["query_effect"], yerr=2 * frame["query_stderr"], color=colors)
-    axes[0].plot(frame["lag"], frame["total_effect"], "k_", markersize=20, label="total effect")
-    axes[0].legend(fontsize=8)
+    if "total_effect" in frame:
+        axes[0].plot(frame["lag"], frame["total_effect"], "k_", markersize=20, label="total effect")
+        axes[0].legend(fontsize=8)
     axes[0].set_xlabel("lag (green: " + ("true parent)" if "true_parent" in frame else "used)"))
     axes[0].set_ylabel("KL(clean || resampled), nats")
     axes[0].set_title(f"Behavioural: used lags {report.lags}")

@@ -158,7 +158,7 @@ def test_probes_run_on_an_ordinary_transformer():
     classifier = classifier_probe(model, task, (1, 2), n_sequences=32)
     assert len(classifier.score) == 2
     decomposition = decomposition_test(model, task, n_sequences=32)
-    assert decomposition.method == "surrogate" and decomposition.verdict == "not a GIH circuit"  # untrained
+    assert decomposition.method == "replacement" and decomposition.verdict == "not a GIH circuit"  # untrained
 
 
 @pytest.mark.usefixtures("without_runtime_typecheck")

@@ -49,9 +49,9 @@ def test_decomposition_lags_outside_the_probed_window_are_refused_before_any_wor
     model, task, _ = setup
 
     def must_not_run(*args, **kwargs):
-        raise AssertionError("find_parents ran before the lags were checked")
+        raise AssertionError("the model ran before the lags were checked")
 
-    monkeypatch.setattr("ih_circuits.probes.decomposition.find_parents", must_not_run)
+    monkeypatch.setattr("ih_circuits.probes.session.clean_run", must_not_run)
     with pytest.raises(ValueError, match=r"lags must be a non-empty set of lags inside 1..5 \(the window \+ 2 = 5\)"):
         ih.probes.decomposition_test(model, task, lags=(7,))
     with pytest.raises(ValueError, match="lags must be a non-empty set"):

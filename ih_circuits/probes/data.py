@@ -57,12 +57,19 @@ class ProbeData:
         lags = DEFAULT_MAX_LAG if self.window is None else self.window + 2
         return max(1, min(lags, self.seq_len - 2))
 
-    def check_lags(self, lags: Sequence[int], name: str = "lags") -> tuple[int, ...]:
-        """``lags`` sorted, refused unless it is a non-empty set inside 1..``max_lag()``, the lags the probes test."""
+    def check_lags(self, lags: Sequence[int], name: str = "lags", limit: int | None = None) -> tuple[int, ...]:
+        """``lags`` sorted, refused unless it is a non-empty set inside 1..``limit`` (default ``max_lag()``), the
+        lags the probes test."""
         lags = validate_lags(lags, name)
-        limit = self.max_lag()
+        limit = self.max_lag() if limit is None else limit
         if not lags or max(lags) > limit:
-            where = f"the window + 2 = {limit}" if self.window is not None else f"{limit} for data without a window"
+            where = (
+                f"the lags tested, max_lag = {limit}"
+                if limit != self.max_lag()
+                else f"the window + 2 = {limit}"
+                if self.window is not None
+                else f"{limit} for data without a window"
+            )
             raise ValueError(f"{name} must be a non-empty set of lags inside 1..{limit} ({where}); got {lags}")
         return lags
 

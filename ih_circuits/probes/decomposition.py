@@ -1,27 +1,29 @@
 """Does the model work as copier -> selector -> classifier, a generalized induction head on its parents?
 
-One entry point, ``decomposition_test(model, data)``, three verdicts:
+One entry point, ``decomposition_test(model, data)`` (or ``ProbeSession.decomposition()``), three verdicts:
 
 - ``"holds"``: replacing the parts by the ideal GIH changes the query prediction little;
 - ``"GIH circuit with smoothing"``: the structure is there (right parents, copier heads, an induction head)
-  but the output is not a plain GIH at any scale a (e.g. it mixes in Bayes-like pseudo-counts); the report
-  says which check failed and by how much;
+  but a replacement, or the plain GIH predictor, moves the prediction by more than the bars; the report says
+  which check failed, by how much, and which heads it replaced;
 - ``"not a GIH circuit"``: the parents are wrong or absent, or a copier or the induction head is missing.
 
-For ``IHTransformer`` the parts are replaced through hooks by their ideal counterparts (one at a time and
-together): the copier by exact one-hot copies of each head's dominant lag, the selector by all weight on
-the heads that copy the found lags, the classifier by the ideal GIH attention at the model's a. For
-ordinary TransformerLens models, which have no such parts, the checks are: some head (layer >= 1) is a
-generalized induction head on the found lags (lift >= 0.5, see ``heads.py``); for every offset the circuit
-needs (query side s - 1 and key side s for each parent s, except the token itself), some earlier head puts
-at least a third of its attention there; and the best GIH on the found lags (a on a grid) is within
-``kl_threshold`` of the model's prediction.
+Both kinds of model are tested by replacement (``method="replacement"``), one part at a time and together:
+
+- ``IHTransformer``: the copier by exact one-hot copies of each head's dominant lag, the selector by all weight
+  on the heads that copy the found lags, the classifier by the ideal GIH attention at the model's a;
+- any TransformerLens model (``replacement.py``): the copier heads' patterns by exact offset patterns, the
+  induction heads' patterns by the ideal GIH attention on the found lags at a fitted a; the heads come from
+  ``ProbeSession.heads()`` (roles from attention and patching), the same roles the views show. The size of the
+  smoothing (how far the plain GIH predictor on the found lags, the best a on a grid, is from the model) is its
+  own check.
 """
 
 from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,19 +31,22 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Int
-from torch import Tensor, nn
+from torch import Tensor
 
-from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
+from ih_circuits.adapters import IHAdapter, TransformerLensAdapter
 from ih_circuits.chain import history_codes
 from ih_circuits.predictors import gih_predictive, kl_divergence
 from ih_circuits.probes.behavioural import query_nlls
-from ih_circuits.probes.data import Data, probe_data
-from ih_circuits.probes.heads import ROLE_THRESHOLD, CopierReport, offset_mass, scan_heads
-from ih_circuits.probes.parents import ParentReport, find_parents
+from ih_circuits.probes.causal import Head
+from ih_circuits.probes.config import ProbeConfig
+from ih_circuits.probes.data import ProbeData
+from ih_circuits.probes.heads import CopierReport
+from ih_circuits.probes.parents import ParentReport
+from ih_circuits.probes.replacement import all_matches, fitted_scale, gih_pattern, offset_pattern, pattern_hooks
+from ih_circuits.probes.roles import head_name
+from ih_circuits.probes.runs import CleanRun, Meter, run_from
 
 HOLDS, SMOOTHING, NOT_GIH = "holds", "GIH circuit with smoothing", "not a GIH circuit"
-A_GRID = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 20.0, math.inf)
-COPIER_MASS = 1 / 3
 
 
 @dataclass
@@ -60,8 +65,10 @@ class DecompositionReport:
         losses: model, unigram (and Bayes, for n-gram data) query-row losses on the test sequences.
         thresholds: the numbers the verdict uses.
         failing: (check, reason in words) pairs.
-        method: ``"replacement"`` (``IHTransformer``) or ``"surrogate"`` (other models).
+        method: ``"replacement"``.
         parents: the ``ParentReport`` behind ``lags``.
+        config: the session's ``ProbeConfig`` in one line.
+        cost: forwards of the batch the session had spent when the report was made.
     """
 
     verdict: str
@@ -73,6 +80,8 @@ class DecompositionReport:
     failing: list[tuple[str, str]] = field(default_factory=list)
     method: str = "replacement"
     parents: ParentReport | None = field(default=None, repr=False)
+    config: str = ""
+    cost: str = ""
 
     @property
     def holds(self) -> bool:
@@ -108,6 +117,7 @@ class DecompositionReport:
         lines = [f"DecompositionReport(verdict={self.verdict!r}, lags={self.lags}, method={self.method})"]
         lines.append("  losses: " + ", ".join(f"{k} {v:.4f}" for k, v in self.losses.items()))
         lines.extend(f"  {c.check:<14} {c.result}: {c.evidence}" for c in self.checks().itertuples())
+        lines.append(f"  {self.config}; cost {self.cost}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -141,7 +151,7 @@ def _ideal_pattern(tokens: Int[Tensor, "batch pos"], lags: tuple[int, ...], a: f
 def _selected_copier_problem(adapter: IHAdapter, copier: CopierReport) -> str | None:
     """Why the heads the selector weighs most are not clean copiers (None if they are): each head of the
     leading subset must put at least half its attention on one lag, and no two may copy the same lag."""
-    shares = adapter.ih.selector_shares()
+    shares = adapter.parts.selector_shares()
     leading = max(shares, key=shares.get)
     lags = [copier.dominant_lags[h] for h in leading]
     weak = [h for h in leading if copier.concentration[h] < 0.5]
@@ -169,7 +179,7 @@ class _Scorer:
     def loss(self, log_probs: Tensor) -> float:
         return float(-log_probs.gather(1, self.target[:, None]).mean())
 
-    def row(self, check: str, log_probs: Tensor, failing: list[tuple[str, str]]) -> dict[str, Any]:
+    def row(self, check: str, log_probs: Tensor, failing: list[tuple[str, str]], detail: str = "") -> dict[str, Any]:
         """The check's numbers, and its verdict in words: the failed measures with their thresholds, or, when none
         failed, every measure (and why ``recovered`` is not, when the model has no gain over the unigram)."""
         kl = float(kl_divergence(self.model_log_probs, log_probs, kind="log_probs").clamp_min(0).mean())
@@ -188,6 +198,9 @@ class _Scorer:
             measures.append((recovered >= self.recovered_threshold, kept))
         reasons = [text for ok, text in measures if not ok]
         passed = not reasons
+        if detail:
+            measures.append((True, detail))
+            reasons = [*reasons, detail] if reasons else reasons
         if reasons:
             failing.append((check, ", ".join(reasons)))
         verdict = "failed: " + ", ".join(reasons) if reasons else "passed: " + ", ".join(t for _, t in measures)
@@ -199,65 +212,59 @@ class _Scorer:
         return row
 
 
-def decomposition_test(
-    model: nn.Module,
-    data: Data,
-    *,
-    lags: tuple[int, ...] | None = None,
-    n_sequences: int = 256,
-    seed: int = 0,
-    kl_threshold: float = 0.05,
-    recovered_threshold: float = 0.9,
-    control_ratio: float = 0.25,
+def decompose(
+    adapter: TransformerLensAdapter,
+    tokens: Int[Tensor, "batch pos"],
+    data: ProbeData,
+    config: ProbeConfig,
+    parents: ParentReport,
+    lags: tuple[int, ...] | None,
+    heads: Callable[[tuple[int, ...]], pd.DataFrame],
+    clean: CleanRun,
+    meter: Meter,
 ) -> DecompositionReport:
-    """Is the model a generalized induction head on its parents? See the module docstring for the checks.
-
-    Args:
-        model: ``IHTransformer`` or any TransformerLens model, any depth.
-        data: an ``NGramTask``, a data source such as ``RepeatedTokens``, or an integer token tensor.
-        lags: the parents to test; default ``find_parents(model, data).lags``. Must lie inside the lags the
-            probes test, 1..window+2 (1..8 for data without a window), so that the controls can compare them.
-        n_sequences: test sequences drawn from a source (a tensor is used as given).
-        kl_threshold: largest KL (nats) between the model and its replacement / best GIH for "holds".
-        recovered_threshold: smallest kept fraction of the model's gain over the in-context unigram.
-        control_ratio: a lag outside ``lags`` must move the query prediction (query side) less than this
-            times the weakest lag in ``lags``.
-    """
-    adapter = adapt(model)
-    resolved = probe_data(data, adapter)
-    if lags is not None:
-        lags = resolved.check_lags(lags)
-    parents = find_parents(model, data, n_sequences=max(n_sequences, 256), seed=seed)
+    """The decomposition test on a probe session's batch (``ProbeSession.decomposition``): ``lags`` default to
+    the found parents, ``heads(lags)`` gives the heads' roles, ``clean`` the clean run's cache."""
     if lags is None:
         lags = parents.lags
-    tokens = resolved.tokens_for(n_sequences, seed, "decomposition", adapter.device)
-    target = tokens[:, -1]
-    model_log_probs = adapter.query_log_probs(tokens)
     losses = {
-        name: float(nll.mean()) for name, nll in query_nlls(tokens, model_log_probs, resolved, adapter.d_vocab).items()
+        name: float(nll.mean()) for name, nll in query_nlls(tokens, clean.log_probs, data, adapter.d_vocab).items()
     }
-    scorer = _Scorer(model_log_probs, target, losses, kl_threshold, recovered_threshold)
-    thresholds = {"kl": kl_threshold, "recovered": recovered_threshold, "control_ratio": control_ratio}
+    scorer = _Scorer(clean.log_probs, tokens[:, -1], losses, config.kl_threshold, config.recovered_threshold)
+    thresholds = {
+        "kl": config.kl_threshold,
+        "recovered": config.recovered_threshold,
+        "control_ratio": config.control_ratio,
+    }
     failing: list[tuple[str, str]] = []
     structural: list[tuple[str, str]] = []
     rows: list[dict[str, Any]] = []
     if not lags:
         structural.append(("parents", parents.summary().splitlines()[0]))
-    elif isinstance(adapter, IHAdapter):
+    elif adapter.parts is not None:
         _replacements(adapter, tokens, lags, parents, scorer, rows, failing, structural)
     else:
-        _surrogate(adapter, data, tokens, lags, n_sequences, seed, scorer, rows, failing, structural)
+        _replace_heads(adapter, tokens, lags, heads(lags), clean, config, scorer, meter, rows, failing, structural)
     if lags:
-        _controls(parents, lags, control_ratio, rows, structural)
-    if resolved.parents is not None and lags != resolved.parents:
+        _controls(parents, lags, config.control_ratio, rows, structural)
+    if data.parents is not None and lags != data.parents:
         # IHTransformer with clean copiers on the wrong lags: the selector chose them.
-        copiers_clean = adapter.white_box and not any(check == "copier" for check, _ in structural)
+        copiers_clean = adapter.parts is not None and not any(check == "copier" for check, _ in structural)
         check = "selector" if copiers_clean else "parents"
-        structural.append((check, f"the model uses lags {lags}; the data's parents are {resolved.parents}"))
+        structural.append((check, f"the model uses lags {lags}; the data's parents are {data.parents}"))
     verdict = NOT_GIH if structural else SMOOTHING if failing else HOLDS
-    method = "replacement" if adapter.white_box else "surrogate"
     return DecompositionReport(
-        verdict, lags, resolved.parents, rows, losses, thresholds, structural + failing, method, parents
+        verdict,
+        lags,
+        data.parents,
+        rows,
+        losses,
+        thresholds,
+        structural + failing,
+        "replacement",
+        parents,
+        config.describe(),
+        meter.describe(),
     )
 
 
@@ -272,7 +279,7 @@ def _replacements(
     structural: list[tuple[str, str]],
 ) -> None:
     """``IHTransformer``: replace copier, selector, classifier by their ideals (one at a time, then all)."""
-    model, config = adapter.ih, adapter.ih.config
+    model, config = adapter.parts, adapter.parts.config
     head_lags = parents.copier.dominant_lags
     copier_reason = _selected_copier_problem(adapter, parents.copier)
     if copier_reason is not None:
@@ -310,76 +317,121 @@ def _replacements(
             rows.append(scorer.row("all", adapter.run_with_hooks(tokens, every)[:, row].float(), failing))
 
 
-def _surrogate(
+def _names(heads: list[Head]) -> str:
+    return " + ".join(head_name(*h) for h in heads)
+
+
+def _replace_heads(
     adapter: TransformerLensAdapter,
-    data: Data,
     tokens: Tensor,
     lags: tuple[int, ...],
-    n_sequences: int,
-    seed: int,
+    frame: pd.DataFrame,
+    clean: CleanRun,
+    config: ProbeConfig,
     scorer: _Scorer,
+    meter: Meter,
     rows: list[dict[str, Any]],
     failing: list[tuple[str, str]],
     structural: list[tuple[str, str]],
 ) -> None:
-    """Ordinary models: an induction head on ``lags``, copier heads for the offsets it needs, a GIH fit."""
-    heads = scan_heads(adapter.model, data, lags=lags, n_sequences=min(n_sequences, 64), seed=seed)
-    later = heads[heads["layer"] >= 1]
-    best = later.loc[later["induction_lift"].idxmax()] if len(later) and later["induction_lift"].notna().any() else None
-    lift = float(best["induction_lift"]) if best is not None else float("nan")
-    found = best is not None and lift >= ROLE_THRESHOLD
-    where = f"L{int(best['layer'])}H{int(best['head'])}" if best is not None else "none"
-    if found:
-        verdict = f"passed: {where} has an induction lift {lift:.3f} on lags {lags} (needs >= {ROLE_THRESHOLD})"
-    else:
-        why = f"no head in layers >= 1 has an induction lift >= {ROLE_THRESHOLD} on lags {lags} (best {where}: "
-        why += f"{lift:.3f})" if best is not None else "no head scored)"
-        structural.append(("induction head", why))
-        verdict = f"failed: {why}"
-    rows.append({"check": "induction head", "head": where, "induction_lift": lift, "passed": found, "verdict": verdict})
-    needed = sorted({s - 1 for s in lags if s > 1} | set(lags))
-    induction_layer = int(best["layer"]) if found else adapter.n_layers
-    mass = _offset_masses(adapter, tokens, max(needed), induction_layer)
-    missing = [o for o in needed if mass.get(o, 0.0) < COPIER_MASS]
-    best_mass = {o: round(mass.get(o, 0.0), 3) for o in needed}
+    """TransformerLens models: the copier and induction heads (by role) replaced by the ideal parts
+    (``replacement.py``), then the plain GIH predictor's distance to the model (the smoothing)."""
+    induction = [(int(r.layer), int(r.head)) for r in frame.itertuples() if r.role == "induction"]
+    later = frame[frame["layer"] >= 1]
+    if not induction:
+        best = later.loc[later["induction_lift"].idxmax()] if len(later) else None
+        where = (
+            f"best {head_name(int(best.layer), int(best.head))}: {best.induction_lift:.3f}"
+            if best is not None
+            else "one layer only"
+        )
+        structural.append(
+            (
+                "induction head",
+                f"no head in layers >= 1 has an induction lift >= {config.role_lift} on lags {lags} ({where})",
+            )
+        )
+    last = max((layer for layer, _ in induction), default=adapter.n_layers)
+    needed = sorted(set(lags) | {s - 1 for s in lags if s > 1})
+    copiers: dict[int, list[Head]] = {}
+    for record in frame.itertuples():
+        if record.role == "copier" and record.layer < last and record.offset in needed:
+            copiers.setdefault(int(record.offset), []).append((int(record.layer), int(record.head)))
+    missing = [o for o in needed if o not in copiers]
     if missing:
-        why = (
-            f"no head before layer {induction_layer} puts >= {COPIER_MASS:.3f} of its attention on offset(s) "
-            f"{missing} (best { ({o: best_mass[o] for o in missing}) })"
-        )
-        structural.append(("copier heads", why))
-        verdict = f"failed: {why}"
-    else:
-        verdict = (
-            f"passed: each offset in {needed} has a head before layer {induction_layer} with {best_mass} of its "
-            f"attention there (needs >= {COPIER_MASS:.3f})"
-        )
+        structural.append(("copier heads", _missing_copiers(frame, missing, last, clean)))
+    found = ", ".join(f"offset {o}: {_names(h)}" for o, h in sorted(copiers.items()))
     rows.append(
         {
             "check": "copier heads",
-            "offsets_needed": str(needed),
-            "best_mass": str(best_mass),
+            "heads": found,
             "passed": not missing,
-            "verdict": verdict,
+            "verdict": ("failed: " + structural[-1][1])
+            if missing
+            else f"passed: every needed offset {needed} has copier heads ({found})",
         }
     )
+    if not induction:
+        return
+    n_pos = tokens.shape[1]
+    row = n_pos - 2
+    match = all_matches(tokens, lags, adapter.value_offset)
+    scales = {h: fitted_scale(clean.patterns[h[0]][:, h[1], row], match[:, row], row + 1) for h in induction}
+    copier_patterns = {h: offset_pattern(n_pos, o, tokens.device) for o, hs in copiers.items() for h in hs}
+    classifier_patterns = {h: gih_pattern(match, a) for h, a in scales.items()}
+    fitted = ", ".join(f"{head_name(*h)} a = {a:.2f}" for h, a in scales.items())
+    plans = {
+        "copier": (copier_patterns, f"replaced {_names(list(copier_patterns))} by exact offset patterns"),
+        "classifier": (classifier_patterns, f"replaced {_names(induction)} by the ideal GIH on {lags} ({fitted})"),
+        "all": ({**copier_patterns, **classifier_patterns}, "both replacements at once"),
+    }
+    for check, (patterns, detail) in plans.items():
+        if not patterns:
+            continue
+        start = min(layer for layer, _ in patterns)
+        with torch.no_grad():
+            log_probs = run_from(
+                adapter,
+                clean.resid[start],
+                start,
+                tokens,
+                pattern_hooks(patterns),
+                meter,
+                "decomposition: replacements",
+            )
+        rows.append({**scorer.row(check, log_probs, failing, detail), "heads": _names(list(patterns))})
     d_vocab = adapter.d_vocab
-    fits = [(a, gih_predictive(tokens[:, :-1], lags, a, d_vocab=d_vocab)[:, -1].clamp_min(1e-9).log()) for a in A_GRID]
     model_log_probs = scorer.model_log_probs
-    a_best, best_fit = min(
-        fits, key=lambda fit: float(kl_divergence(model_log_probs, fit[1].to(model_log_probs), kind="log_probs").mean())
-    )
-    rows.append({**scorer.row("gih fit", best_fit.to(scorer.model_log_probs.device), failing), "a": a_best})
+    fits = [
+        (a, gih_predictive(tokens[:, :-1], lags, a, d_vocab=d_vocab)[:, -1].clamp_min(1e-9).log().to(model_log_probs))
+        for a in config.a_grid
+    ]
+    a_best, best_fit = min(fits, key=lambda fit: float(kl_divergence(model_log_probs, fit[1], kind="log_probs").mean()))
+    detail = f"the plain GIH on {lags} at the best a = {a_best} (what the OV circuits and unembedding add beyond it)"
+    rows.append({**scorer.row("smoothing", best_fit, failing, detail), "a": a_best})
 
 
-def _offset_masses(adapter: TransformerLensAdapter, tokens: Tensor, max_offset: int, before: int) -> dict[int, float]:
-    """For each offset, the largest mean attention any head in layers < ``before`` puts on it."""
-    best: dict[int, float] = {}
-    for layer in range(min(before, adapter.n_layers)):
-        mass = offset_mass(adapter.patterns(tokens, layer), max_offset).max(0).values
-        for offset, value in enumerate(mass.tolist()):
-            best[offset] = max(best.get(offset, 0.0), value)
-    return best
+def _missing_copiers(frame: pd.DataFrame, missing: list[int], last: int, clean: CleanRun) -> str:
+    """Why an offset has no copier head: the heads before layer ``last`` that attend to it most, with their mean
+    attention there, and what patching found for them."""
+    parts = []
+    for offset in missing:
+        best, best_mass = None, -1.0
+        for layer in range(last):
+            pattern = clean.patterns[layer]
+            column = torch.diagonal(pattern, offset=-offset, dim1=-2, dim2=-1).mean((0, -1))
+            head = int(column.argmax())
+            if float(column[head]) > best_mass:
+                best, best_mass = (layer, head), float(column[head])
+        if best is None:
+            parts.append(f"offset {offset}: no layer before the induction heads")
+            continue
+        record = frame[(frame["layer"] == best[0]) & (frame["head"] == best[1])].iloc[0]
+        parts.append(
+            f"offset {offset}: best {head_name(*best)} with {best_mass:.3f} of its attention there "
+            f"(its role: {record.role}, dominant offset {record.offset}; {record.get('carries', 'not patched')})"
+        )
+    return f"no copier head before layer {last} for offset(s) {missing}: " + "; ".join(parts)
 
 
 def _controls(

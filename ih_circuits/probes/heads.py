@@ -26,11 +26,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
-from ih_circuits.probes.behavioural import behavioural_probe, check_max_lag
-from ih_circuits.probes.data import Data, probe_data
-
-ROLE_THRESHOLD = 0.5
+from ih_circuits.adapters import TransformerLensAdapter, adapt
 
 
 def history_table(tokens: Int[Tensor, "batch pos"], lags: tuple[int, ...]) -> Int[Tensor, "batch target lag"]:
@@ -92,76 +88,9 @@ def induction_scores(
     return score, float(baseline), int(has_match.sum())
 
 
-def _rows(n_pos: int, lags: tuple[int, ...]) -> Tensor:
+def induction_rows(n_pos: int, lags: tuple[int, ...]) -> Tensor:
     """Rows t whose predicted token has a complete history: t + 1 - max(lags) >= 0, up to the query row T-2."""
     return torch.arange(max(lags) - 1, n_pos - 1)
-
-
-def scan_heads(
-    model: nn.Module,
-    data: Data,
-    *,
-    lags: tuple[int, ...] | None = None,
-    n_sequences: int = 64,
-    seed: int = 0,
-    max_offset: int | None = None,
-) -> pd.DataFrame:
-    """One row per (layer, head) of any TransformerLens model (or ``IHTransformer``): what the head does.
-
-    Columns: ``layer``, ``head`` (both 0-based), ``offset`` (dominant attention offset: 0 = self, 1 = previous
-    token), ``reads_lag`` (offset + 1: the lag of the prediction the head reads at the query row),
-    ``copier_score`` (mean attention on that offset), ``induction_score`` (generalized, for ``lags``),
-    ``induction_baseline`` (what uniform attention would score), ``induction_lift`` and ``role``
-    (``copier``, ``induction`` or ``other``; see the module docstring).
-
-    Args:
-        lags: the history lags for the induction score; default the parents ``find_parents``-style behavioural
-            probe finds, or (1,) (the textbook induction head) when it finds none.
-        n_sequences: sequences drawn from a source (a tensor is used as given).
-        max_offset: offsets 0..max_offset considered; default the data's lag range.
-    """
-    adapter = adapt(model)
-    resolved = probe_data(data, adapter)
-    max_offset = check_max_lag(max_offset, resolved)
-    if lags is None:
-        found = behavioural_probe(model, data, n_sequences=max(n_sequences, 256), seed=seed).used_lags
-        lags = found or (1,)
-    lags = resolved.check_lags(lags)
-    tokens = resolved.tokens_for(n_sequences, seed, "scan_heads", adapter.device)
-    rows = _rows(tokens.shape[1], lags).to(tokens.device)
-    match = history_matches(tokens, lags, rows, adapter.value_offset)
-    records = []
-    for layer in range(adapter.n_layers):
-        pattern = adapter.patterns(tokens, layer)
-        mass = offset_mass(pattern, max_offset).cpu()
-        score, baseline, _ = induction_scores(pattern, match, rows, adapter.value_offset)
-        for head in range(pattern.shape[1]):
-            offset = int(mass[head].argmax())
-            copier_score = float(mass[head, offset])
-            induction = float(score[head])
-            lift = (induction - baseline) / (1 - baseline) if baseline < 1 else float("nan")
-            if lift >= ROLE_THRESHOLD:
-                role = "induction"
-            elif copier_score >= ROLE_THRESHOLD and offset >= 1:
-                role = "copier"
-            else:
-                role = "other"
-            records.append(
-                {
-                    "layer": layer,
-                    "head": head,
-                    "offset": offset,
-                    "reads_lag": offset + 1,
-                    "copier_score": copier_score,
-                    "induction_score": induction,
-                    "induction_baseline": baseline,
-                    "induction_lift": lift,
-                    "role": role,
-                }
-            )
-    frame = pd.DataFrame(records)
-    frame.attrs["lags"] = lags
-    return frame
 
 
 # ---------------------------------------------------------------------------------------------- copier
@@ -206,46 +135,31 @@ class CopierReport:
         return f"CopierReport(layer {self.layer}: {heads}; from {self.source})"
 
 
-def copier_probe(
-    model: nn.Module,
-    data: Data,
-    *,
-    n_sequences: int = 128,
-    seed: int = 0,
-    max_lag: int | None = None,
-    layer: int = 0,
+def copier_report(
+    adapter: TransformerLensAdapter,
+    pattern: Float[Tensor, "batch head query_pos key_pos"],
+    max_lag: int,
+    layer: int,
     from_patterns: bool = False,
 ) -> CopierReport:
-    """Which lag does each head of ``layer`` (default 0, the copier) read at the query row?
-
-    For ``IHTransformer``'s positional copier the answer is in the weights (softmax(w_h) over its lags).
-    Otherwise it is measured on data: the mean attention from row t to key t + 1 - s over rows where every lag
-    exists (``from_patterns=True`` measures the positional copier that way too). A previous-token head
-    (offset 1) reads lag 2 of the prediction: ``offsets`` gives the offsets.
-    """
-    adapter = adapt(model)
-    resolved = probe_data(data, adapter)
-    adapter.check_layer(layer, "layer")
-    max_lag = check_max_lag(max_lag, resolved)
-    if isinstance(adapter, IHAdapter) and layer == 0 and adapter.ih.config.copier == "positional" and not from_patterns:
-        config = adapter.ih.config
-        weights = adapter.ih.copier_weights().cpu()
+    """Which lag each head of ``layer`` reads at the query row: ``IHTransformer``'s positional copier from its
+    weights (softmax(w_h) over its lags), any other layer from ``pattern``, the mean attention from row t to key
+    t + 1 - s over rows where every lag exists (``from_patterns=True`` measures the positional copier that way
+    too). A previous-token head (offset 1) reads lag 2."""
+    parts = adapter.parts
+    if parts is not None and layer == 0 and parts.config.copier == "positional" and not from_patterns:
+        config = parts.config
+        weights = parts.copier_weights().cpu()
         mass = torch.zeros(weights.shape[0], max(max_lag, config.max_lag))
         mass.scatter_add_(1, torch.tensor(config.lag_table) - 1, weights.float())
         source = "weights"
     else:
-        tokens = resolved.tokens_for(n_sequences, seed, "copier", adapter.device)
-        mass = offset_mass(adapter.patterns(tokens, layer), max_lag - 1).cpu()
+        mass = offset_mass(pattern, max_lag - 1).cpu()
         source = "patterns"
     total = mass.sum(-1).clamp_min(1e-12)
     dominant = mass.argmax(-1)
     concentration = (mass.gather(1, dominant[:, None])[:, 0] / total).tolist()
     return CopierReport(mass, (dominant + 1).tolist(), concentration, source, layer)
-
-
-def copier_lags(model: nn.Module, data: Data, **kwargs: object) -> list[int]:
-    """The dominant lag of each copier head (``copier_probe(...).dominant_lags``)."""
-    return copier_probe(model, data, **kwargs).dominant_lags
 
 
 def selector_probe(model: nn.Module) -> dict[tuple[int, ...], float]:
@@ -254,15 +168,15 @@ def selector_probe(model: nn.Module) -> dict[tuple[int, ...], float]:
     A head subset S maps to the set of dominant lags of its heads; the shares of subsets that map to the
     same lag set add up. The result is sorted by share, largest first.
     """
-    adapter = adapt(model)
-    if not isinstance(adapter, IHAdapter):
+    parts = adapt(model).parts
+    if parts is None:
         raise ValueError(
             "selector_probe reads the selector coefficients, which only IHTransformer has; "
             "use behavioural_probe, representational_probe or scan_heads for other models"
         )
-    head_lags = adapter.ih.head_lags()
+    head_lags = parts.head_lags()
     by_lags: dict[tuple[int, ...], float] = {}
-    for subset, share in adapter.ih.selector_shares().items():
+    for subset, share in parts.selector_shares().items():
         lags = tuple(sorted({head_lags[h] for h in subset}))
         by_lags[lags] = by_lags.get(lags, 0.0) + share
     return dict(sorted(by_lags.items(), key=lambda kv: -kv[1]))
@@ -303,36 +217,22 @@ class ClassifierReport:
         )
 
 
-def classifier_probe(
-    model: nn.Module,
-    data: Data,
-    lags: tuple[int, ...] | None = None,
-    *,
-    layer: int | None = None,
-    n_sequences: int = 256,
-    seed: int = 0,
+def classifier_report(
+    adapter: TransformerLensAdapter,
+    tokens: Int[Tensor, "batch pos"],
+    pattern: Float[Tensor, "batch head query_pos key_pos"],
+    lags: tuple[int, ...],
+    layer: int,
 ) -> ClassifierReport:
-    """Attention mass of the query row (T-2) on keys whose history over ``lags`` matches the query's.
-
-    With ``lags=(1,)`` this is the usual induction score. ``lags`` defaults to the behavioural probe's answer;
-    ``layer`` to the last layer. For ``IHTransformer`` the ideal is the GIH's mass e^a N / (e^a N + T' - N).
-    """
-    adapter = adapt(model)
-    resolved = probe_data(data, adapter)
-    layer = adapter.n_layers - 1 if layer is None else adapter.check_layer(layer, "layer")
-    if lags is None:
-        lags = behavioural_probe(model, data, seed=seed).used_lags
-        if not lags:
-            raise ValueError("the model uses no lag (behavioural probe); pass lags=... to probe the classifier")
-    lags = resolved.check_lags(lags)
-    tokens = resolved.tokens_for(n_sequences, seed, "classifier", adapter.device)
+    """Attention mass of the query row (T-2) of every head of ``layer`` on keys whose history over ``lags``
+    matches the query's; for ``IHTransformer`` the ideal is the GIH's mass e^a N / (e^a N + T' - N)."""
     query = tokens.shape[1] - 2
     rows = torch.tensor([query], device=tokens.device)
     match = history_matches(tokens, lags, rows, adapter.value_offset)
-    score, _, n_rows = induction_scores(adapter.patterns(tokens, layer), match, rows, adapter.value_offset)
+    score, _, n_rows = induction_scores(pattern, match, rows, adapter.value_offset)
     if n_rows == 0:
         raise ValueError(f"no sequence has a key matching the query's history over lags {lags}; use more sequences")
-    ideal = _ideal_mass(adapter, match[:, 0], query) if isinstance(adapter, IHAdapter) else 1.0
+    ideal = _ideal_mass(adapter, match[:, 0], query) if adapter.parts is not None else 1.0
     best = int(score.argmax())
     return ClassifierReport(lags, layer, score.tolist(), ideal, best, n_rows)
 
@@ -340,5 +240,5 @@ def classifier_probe(
 def _ideal_mass(adapter: TransformerLensAdapter, match: Bool[Tensor, "batch key_pos"], query: int) -> float:
     """Mass the GIH at the model's scale a puts on the N matching keys out of T' = query visible keys."""
     n = match[match.any(-1)].sum(-1).double()
-    weight = torch.exp(torch.tensor(min(adapter.ih.classifier_scale(), 700.0), dtype=torch.float64))
+    weight = torch.exp(torch.tensor(min(adapter.parts.classifier_scale(), 700.0), dtype=torch.float64))
     return float((weight * n / (weight * n + query - n)).mean())

@@ -13,17 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-from torch import nn
 
-from ih_circuits.adapters import IHAdapter, TransformerLensAdapter, adapt
-from ih_circuits.probes.behavioural import (
-    BehaviouralReport,
-    RepresentationalReport,
-    behavioural_probe,
-    representational_probe,
-)
-from ih_circuits.probes.data import Data, ProbeData, probe_data
-from ih_circuits.probes.heads import CopierReport, copier_probe, selector_probe
+from ih_circuits.adapters import TransformerLensAdapter
+from ih_circuits.probes.behavioural import BehaviouralReport, RepresentationalReport
+from ih_circuits.probes.data import ProbeData
+from ih_circuits.probes.heads import CopierReport
 from ih_circuits.theory import predicted_parent_set
 
 THEORY_BUDGET_BYTES = 512 * 2**20
@@ -41,8 +35,8 @@ def theory_prediction(
     task = data.task
     if task is None:
         return None, "skipped: the data is not an NGramTask, so there is no prior to compute I~ from"
-    if isinstance(adapter, IHAdapter):
-        budget, window = adapter.ih.config.max_degree, max(adapter.ih.config.max_lag, task.order)
+    if adapter.parts is not None:
+        budget, window = adapter.parts.config.max_degree, max(adapter.parts.config.max_lag, task.order)
     else:
         budget, window = len(task.parents), task.window
     d = task.vocab_size
@@ -75,6 +69,8 @@ class ParentReport:
         theory_note: how the prediction was made, or why it was skipped.
         behavioural, representational, copier: the probe reports.
         selector: white-box lag-set shares (``IHTransformer`` only, else None).
+        config: the session's ``ProbeConfig`` in one line.
+        cost: forwards of the batch the session had spent when the report was made.
     """
 
     lags: tuple[int, ...]
@@ -85,6 +81,8 @@ class ParentReport:
     representational: RepresentationalReport
     copier: CopierReport
     selector: dict[tuple[int, ...], float] | None = None
+    config: str = ""
+    cost: str = ""
 
     @property
     def uses_context(self) -> bool:
@@ -141,6 +139,8 @@ class ParentReport:
         if self.selector is not None:
             lines.append(f"white-box selector {self.white_box_lags} ({self.selector[self.white_box_lags]:.3f})")
         lines.append(f"linearly represented at {self.representational.site}: {self.representational.represented}")
+        lines.append(f"history read at {behaviour.history_site}: {behaviour.site_reason}")
+        lines.append(f"{self.config}; cost {self.cost}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -149,42 +149,3 @@ class ParentReport:
     def _repr_html_(self) -> str:
         items = "".join(f"<li>{line}</li>" for line in self.summary().splitlines())
         return f"<ul>{items}</ul>" + self.to_dataframe().to_html(index=False, float_format="%.4f")
-
-
-def find_parents(
-    model: nn.Module,
-    data: Data,
-    *,
-    n_sequences: int = 512,
-    seed: int = 0,
-    max_lag: int | None = None,
-    query_layer: int | None = None,
-) -> ParentReport:
-    """Which parent tokens does the model's prediction condition on?
-
-    Args:
-        model: ``IHTransformer`` or any TransformerLens model, any depth.
-        data: an ``NGramTask``, a data source such as ``RepeatedTokens``, or an integer token tensor.
-        n_sequences: sequences for the behavioural probe (half as many for the linear read-out).
-        seed: fixes every draw.
-        max_lag: lags tested; default the task's window + 2, else 8.
-        query_layer: TransformerLens models: where the query's history is read (default layer 1's input).
-
-    ``.lags`` follows the package convention (lag 1 = the current token): an exact textbook induction head
-    reports ``(1,)``. A model that does not beat the in-context unigram, or whose prediction no lag moves by
-    more than 0.01 nats, reports ``()`` and says why (``summary()``).
-    """
-    adapter = adapt(model)
-    resolved = probe_data(data, adapter)
-    behavioural = behavioural_probe(
-        model, data, n_sequences=n_sequences, seed=seed, max_lag=max_lag, query_layer=query_layer
-    )
-    representational = representational_probe(
-        model, data, n_sequences=max(n_sequences // 2, 8), seed=seed, max_lag=max_lag, query_layer=query_layer
-    )
-    copier = copier_probe(model, data, seed=seed, max_lag=max_lag)
-    selector = selector_probe(model) if adapter.white_box else None
-    predicted, note = theory_prediction(adapter, resolved, seed)
-    return ParentReport(
-        behavioural.used_lags, resolved.parents, predicted, note, behavioural, representational, copier, selector
-    )

@@ -7,43 +7,47 @@ import math
 import einops
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ih_circuits.adapters import TransformerLensAdapter, adapt
+from ih_circuits.adapters import TransformerLensAdapter
 from ih_circuits.checks import check_int
-from ih_circuits.probes.data import Data, probe_data, resample_positions
+from ih_circuits.probes.data import resample_positions
+from ih_circuits.probes.runs import Meter
 from ih_circuits.seeds import derive_seed
 
 MAX_ROWS = 2048  # sequences per patched forward (copies x batch)
 
 
-def head_patching(model: nn.Module, data: Data, lag: int, *, n_sequences: int = 64, seed: int = 0) -> pd.DataFrame:
+def head_patching_table(
+    adapter: TransformerLensAdapter, clean: Tensor, lag: int, seed: int, meter: Meter
+) -> pd.DataFrame:
     """Patch every head's ``hook_z`` at the query row from a clean run into a corrupted one.
 
     Clean and corrupted sequences differ only in the token at lag ``lag`` of the final token. For each head,
     its output at the query row is taken from the clean run and put into the corrupted run (the same
     ``hook_z`` patch as TransformerLens's ``get_act_patch_attn_head_out_by_pos`` at one position); the
-    metric is the log-probability of the clean final token. All heads are patched in one batched forward
+    metric is the log-probability of the clean final token. All heads are patched in batched forwards
     (one copy of the corrupted batch per head), on any TransformerLens version.
 
     Returns:
         One row per (layer, head), both 0-based: ``effect`` (mean of patched - corrupted, nats), its
         ``stderr`` over sequences, and ``restored``, the share of the clean - corrupted gap it restores.
     """
-    adapter = adapt(model)
-    resolved = probe_data(data, adapter)
-    check_int(lag, "lag", 1, resolved.seq_len - 2, high_text=f"seq_len-2={resolved.seq_len - 2}")
-    clean = resolved.tokens_for(n_sequences, seed, "head_patching", adapter.device)
+    check_int(lag, "lag", 1, clean.shape[1] - 2, high_text=f"seq_len-2={clean.shape[1] - 2}")
     generator = torch.Generator().manual_seed(derive_seed(seed, "head_patching_resample") % 2**62)
     corrupted = resample_positions(clean, [clean.shape[1] - 1 - lag], generator)[0]
+    model = adapter.model
     heads = [(layer, head) for layer in range(adapter.n_layers) for head in range(adapter.n_heads(layer))]
+    rows = clean.shape[0]
     with torch.no_grad():
         clean_out, clean_cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
         clean_metric = _target_log_prob(clean_out, clean)
         corrupted_metric = _target_log_prob(model(corrupted), clean)
-        chunk = max(1, MAX_ROWS // clean.shape[0])
+        meter.add("head patching: clean and corrupted runs", 2 * rows, adapter.n_layers)
+        chunk = max(1, MAX_ROWS // rows)
         groups = [heads[start : start + chunk] for start in range(0, len(heads), chunk)]
         patched = torch.cat([_patch_heads(adapter, clean_cache, corrupted, clean, group) for group in groups])
+        meter.add("head patching: patched runs", len(heads) * rows, adapter.n_layers)
     effect = patched - corrupted_metric  # [head, batch]
     gap = float((clean_metric - corrupted_metric).mean())
     frame = pd.DataFrame(heads, columns=["layer", "head"])

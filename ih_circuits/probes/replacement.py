@@ -1,0 +1,89 @@
+"""The decomposition by replacement for any TransformerLens model: swap the heads' attention for the ideal parts.
+
+Through ``hook_pattern`` (every row of the heads named):
+
+- **copier**: each copier head's pattern becomes the exact offset pattern, row t attending to key t - o only
+  (rows t < o keep their own attention: there is no key t - o);
+- **classifier**: each induction head's pattern becomes the ideal GIH attention on the found lags L,
+  softmax over the visible keys j <= t of a [hist_L(j) = hist_L(t + 1)] (uniform when no key matches), with a
+  fitted per head from its own attention at the query row: a head with mass m on the N matching keys out of V
+  visible keys has e^a = m (V - N) / (N (1 - m)) (the GIH's mass e^a N / (e^a N + V - N) solved for a); the
+  median over sequences, capped at ``A_MAX``;
+- **all**: both at once.
+
+Each replacement restarts from the first layer it touches; the prediction at the query row is compared with the
+model's (``decomposition._Scorer``). What the heads' OV circuits and the unembedding add beyond a plain average of
+next tokens is measured apart: the KL between the model and the best plain GIH predictor on L over ``a_grid``
+(the size of the smoothing).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ih_circuits.probes.causal import Head
+from ih_circuits.probes.heads import history_matches
+
+A_MAX = 30.0
+
+
+def offset_pattern(n_pos: int, offset: int, device: torch.device) -> Float[Tensor, "query_pos key_pos"]:
+    """One-hot attention on key t - offset for rows t >= offset; NaN rows (t < offset) mean "keep the model's"."""
+    pattern = torch.zeros(n_pos, n_pos, device=device)
+    rows = torch.arange(offset, n_pos, device=device)
+    pattern[rows, rows - offset] = 1.0
+    pattern[:offset] = float("nan")
+    return pattern
+
+
+def all_matches(
+    tokens: Int[Tensor, "batch pos"], lags: tuple[int, ...], value_offset: int = 0
+) -> Bool[Tensor, "batch query_pos key_pos"]:
+    """match[b, t, j]: key j's token has the same complete history over ``lags`` as the token row t predicts."""
+    rows = torch.arange(tokens.shape[1], device=tokens.device)
+    return history_matches(tokens, lags, rows, value_offset)
+
+
+def gih_pattern(match: Bool[Tensor, "batch query_pos key_pos"], a: float) -> Float[Tensor, "batch query_pos key_pos"]:
+    """softmax over visible keys j <= t of a [match]; uniform over the visible keys when none matches."""
+    n_pos = match.shape[-1]
+    visible = torch.ones(n_pos, n_pos, dtype=torch.bool, device=match.device).tril()
+    scores = torch.where(match, min(a, A_MAX), 0.0).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def fitted_scale(
+    row_pattern: Float[Tensor, "batch key_pos"], match: Bool[Tensor, "batch key_pos"], visible: int
+) -> float:
+    """The a at which the GIH puts the head's own mass on the matching keys (module docstring), median over
+    sequences with a match; ``A_MAX`` when the head puts (almost) everything there."""
+    has = match.any(-1)
+    if not bool(has.any()):
+        return A_MAX
+    mass = (row_pattern * match).sum(-1)[has].double().clamp(1e-9, 1 - 1e-9)
+    n = match.sum(-1)[has].double()
+    rest = (visible - n).clamp_min(1)
+    a = torch.log(mass * rest / (n * (1 - mass)))
+    return float(a.median().clamp(0.0, A_MAX))
+
+
+def pattern_hooks(replacements: dict[Head, Tensor]) -> list[tuple[str, object]]:
+    """Hooks writing ``replacements[(layer, head)]`` (``[query, key]`` or ``[batch, query, key]``; NaN rows keep
+    the model's) into ``blocks.{layer}.attn.hook_pattern``."""
+    by_layer: dict[int, dict[int, Tensor]] = {}
+    for (layer, head), pattern in replacements.items():
+        by_layer.setdefault(layer, {})[head] = pattern
+
+    def hook_for(heads: dict[int, Tensor]):
+        def replace(pattern: Tensor, hook: object) -> Tensor:
+            pattern = pattern.clone()
+            for head, ideal in heads.items():
+                ideal = ideal.to(pattern.dtype).expand_as(pattern[:, head])
+                pattern[:, head] = torch.where(ideal.isnan(), pattern[:, head], ideal)
+            return pattern
+
+        return replace
+
+    return [(f"blocks.{layer}.attn.hook_pattern", hook_for(heads)) for layer, heads in sorted(by_layer.items())]

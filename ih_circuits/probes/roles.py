@@ -1,0 +1,114 @@
+"""Head roles, defined once for ``scan_heads``, the decomposition and the views.
+
+From attention, relative to chance (uniform attention over the t + 1 visible keys of row t):
+
+- **offset profile**: over every offset o = 0..T-1 (the whole context), the attention rows t >= o put on key
+  t - o. The *dominant offset* is the one that explains the most attention summed over the rows (so a head that
+  attends to position 0 from every row spreads over all offsets instead of scoring 1 at the last offset, which
+  only the last row has); its *copier score* is the mean attention on it over the rows where it exists, and its
+  *copier lift* (score - chance) / (1 - chance), with chance the mean of 1 / (t + 1) over those rows.
+- **induction lift** for a lag set L: the mass on keys whose history over L matches the token the row predicts,
+  lifted over the fraction of visible keys that match (``heads.induction_scores``).
+
+Roles (``assign_roles``): ``induction`` when the induction lift is >= ``role_lift``; else ``copier`` when the
+dominant offset is >= 1 and the copier lift is >= ``role_lift``, or when the head's lift is >= ``shared_lift``
+and the heads with the same dominant offset and such a lift together reach ``role_lift`` (heads that share the
+job, listed in ``shared_with``); else ``other``. Causes overrule attention: a copier candidate that exact
+patching tested, alone and with the heads sharing its job, and that carries less than ``causal_share`` of its
+lag's effect is ``other`` (it attends to an offset but what it writes is not used).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ih_circuits.probes.config import ProbeConfig
+
+
+def offset_profile(
+    pattern: Float[Tensor, "batch head query_pos key_pos"], value_offset: int = 0
+) -> tuple[Float[Tensor, "head offset"], Float[Tensor, "head offset"], Float[Tensor, " offset"]]:
+    """Per head and offset o: attention summed over rows t >= o (mean over the batch), the mean over those rows,
+    and the chance level mean_t 1 / (visible keys at t)."""
+    n_pos = pattern.shape[-1]
+    summed, mean, chance = [], [], []
+    visible = (torch.arange(n_pos, device=pattern.device) + 1 - value_offset).clamp_min(1).float()
+    for offset in range(n_pos):
+        column = torch.diagonal(pattern, offset=-offset, dim1=-2, dim2=-1).mean(0)  # [head, rows t >= offset]
+        summed.append(column.sum(-1))
+        mean.append(column.mean(-1))
+        chance.append((1 / visible[offset:]).mean())
+    return torch.stack(summed, -1), torch.stack(mean, -1), torch.stack(chance)
+
+
+def offset_table(
+    patterns: dict[int, Float[Tensor, "batch head query_pos key_pos"]], max_offset: int, value_offset: int = 0
+) -> pd.DataFrame:
+    """One row per (layer, head): dominant offset in 0..max_offset, copier score and lift (module docstring)."""
+    records = []
+    for layer, pattern in patterns.items():
+        summed, mean, chance = offset_profile(pattern, value_offset)
+        summed, mean, chance = summed[:, : max_offset + 1].cpu(), mean[:, : max_offset + 1].cpu(), chance.cpu()
+        for head in range(pattern.shape[1]):
+            offset = int(summed[head].argmax())
+            score = float(mean[head, offset])
+            base = float(chance[offset])
+            lift = (score - base) / (1 - base) if base < 1 else 0.0
+            records.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "offset": offset,
+                    "reads_lag": offset + 1,
+                    "copier_score": score,
+                    "copier_lift": lift,
+                }
+            )
+    return pd.DataFrame(records)
+
+
+def head_name(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def assign_roles(
+    frame: pd.DataFrame, config: ProbeConfig, causal: dict[tuple[int, int], float] | None = None
+) -> pd.DataFrame:
+    """Add ``role``, ``shared_with`` and ``evidence`` to a table with ``offset``, ``copier_lift`` and
+    ``induction_lift`` columns (module docstring). ``causal`` maps a tested copier candidate to the largest share
+    of its lag's effect that patching it (alone or with the heads sharing its job) moved."""
+    frame = frame.copy()
+    induction = frame["induction_lift"].fillna(-1.0) >= config.role_lift
+    candidate = ~induction & (frame["offset"] >= 1) & (frame["copier_lift"] >= config.shared_lift)
+    group_lift = frame[candidate].groupby("offset")["copier_lift"].sum()
+    names = [head_name(int(r.layer), int(r.head)) for r in frame.itertuples()]
+    roles, shared, evidence = [], [], []
+    for i, row in enumerate(frame.itertuples()):
+        key = (int(row.layer), int(row.head))
+        partners = ""
+        if induction.iloc[i]:
+            role, why = "induction", "attention"
+        elif candidate.iloc[i] and (row.copier_lift >= config.role_lift or group_lift[row.offset] >= config.role_lift):
+            role, why = "copier", "attention"
+            mates = [
+                names[j]
+                for j in range(len(frame))
+                if j != i and candidate.iloc[j] and frame["offset"].iloc[j] == row.offset
+            ]
+            partners = " + ".join(mates) if row.copier_lift < config.role_lift or mates else ""
+            if causal is not None and key in causal:
+                carried = causal[key] >= config.causal_share
+                role, why = ("copier", "attention and patching") if carried else ("other", "patching: carries nothing")
+                partners = partners if carried else ""
+        else:
+            role, why = "other", "attention"
+        roles.append(role)
+        shared.append(partners)
+        evidence.append(why)
+    frame["role"] = roles
+    frame["shared_with"] = shared
+    frame["evidence"] = evidence
+    return frame
