@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Extra requirement installed with the package: `make test-tl3` sets it to the newest TransformerLens 3.x.
 TL_SPEC ?=
 
-.PHONY: venv install install-dev demo test test-e2e test-slow test-tl3 test-all lint bench bench-scale bench-sweep battery browser clean
+.PHONY: venv install install-dev demo test test-e2e test-slow test-tl3 test-all lint bench bench-byom bench-scale bench-sweep battery browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,8 +68,13 @@ bench: install
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_probes.py
+	-$(PY) benchmarks/bench_byom.py
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_sweep.py
+
+# The probes' cost on a GPT-2-small-shaped model: forwards of the batch and peak memory against one forward (about 1 min).
+bench-byom: install
+	$(PY) benchmarks/bench_byom.py
 
 # The example sweep (examples/sweep.toml, 24 runs) with 1 and 2 local workers and on a local Ray instance (about 2 min).
 bench-sweep: install-dev

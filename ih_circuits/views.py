@@ -334,8 +334,9 @@ def plot_losses(history: pd.DataFrame) -> Figure:
 
 
 def plot_parent_effects(report: ParentReport) -> Figure:
-    """Query-side effect of resampling each lag (±2 stderr; the total effect as a black tick where it was measured), with the
-    linear-probe accuracy. Green bars are the true parents when the data knows them, else the used lags."""
+    """Query-side effect of resampling each lag (±2 stderr; the total effect as a black tick where it was
+    measured), with the linear-probe accuracy. Green bars are the true parents when the data knows them, else the
+    used lags."""
     frame = report.to_dataframe()
     figure, axes = _figure(9.0, 3.0, ncols=2)
     marked = frame["true_parent"] if "true_parent" in frame else frame["used"]

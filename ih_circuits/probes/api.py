@@ -1,12 +1,16 @@
-"""The probes as functions of ``(model, data)``: each opens a ``ProbeSession`` and asks it one question.
+"""The probes as functions of ``(model, data)``: each asks a ``ProbeSession`` one question.
 
-Open a session yourself to ask several questions of one batch: it adapts the model, draws the data and runs the
-clean batch once (``session.py``).
+Consecutive calls on the same model, data and settings share one session (its batch, clean run, parents and
+roles), so ``find_parents``, ``scan_heads`` and ``decomposition_test`` in a row pay for the clean run and the
+lag scan once. The session is reused only while the model's parameters and the data are unchanged (their tensors'
+version counters, which every in-place update such as an optimizer step bumps), and only the latest one is kept.
+Open a session yourself to choose what it keeps (``session.py``).
 """
 
 from __future__ import annotations
 
 import pandas as pd
+import torch
 from torch import nn
 
 from ih_circuits.adapters import adapt
@@ -17,6 +21,28 @@ from ih_circuits.probes.decomposition import DecompositionReport
 from ih_circuits.probes.heads import ClassifierReport, CopierReport
 from ih_circuits.probes.parents import ParentReport
 from ih_circuits.probes.session import ProbeSession
+
+_latest: list[tuple[tuple, ProbeSession]] = []
+
+
+def _state(value: object) -> tuple:
+    """Identity and in-place version of a model's parameters and buffers, or of a data tensor."""
+    if isinstance(value, nn.Module):
+        tensors = [*value.parameters(), *value.buffers()]
+        return (id(value), value.training, tuple((id(t), t._version) for t in tensors))
+    if isinstance(value, torch.Tensor):
+        return (id(value), value._version)
+    return (id(value),)
+
+
+def _session(model: nn.Module, data: Data, config: ProbeConfig) -> ProbeSession:
+    """The latest session when model, data and config are unchanged, else a new one (which replaces it)."""
+    key = (_state(model), _state(data), config)
+    if _latest and _latest[0][0] == key:
+        return _latest[0][1]
+    session = ProbeSession(model, data, config)
+    _latest[:] = [(key, session)]
+    return session
 
 
 def _check_lags_first(model: nn.Module, data: Data, lags: tuple[int, ...] | None) -> None:
@@ -57,7 +83,7 @@ def behavioural_probe(
     config = ProbeConfig(
         n_sequences=n_sequences, seed=seed, max_lag=max_lag, threshold=threshold, floor=floor, query_layer=query_layer
     )
-    return ProbeSession(model, data, config).behaviour
+    return _session(model, data, config).behaviour
 
 
 def representational_probe(
@@ -72,7 +98,7 @@ def representational_probe(
     """Which lags' tokens can be read linearly from the query's gathered history? Ridge read-outs at the history
     site, trained on half of the sequences and scored on the other half."""
     config = ProbeConfig(n_sequences=n_sequences, seed=seed, max_lag=max_lag, query_layer=query_layer)
-    return ProbeSession(model, data, config).representation
+    return _session(model, data, config).representation
 
 
 def find_parents(
@@ -100,7 +126,7 @@ def find_parents(
     more than 0.01 nats, reports ``()`` and says why (``summary()``).
     """
     config = ProbeConfig(n_sequences=n_sequences, seed=seed, max_lag=max_lag, query_layer=query_layer)
-    return ProbeSession(model, data, config).parents()
+    return _session(model, data, config).parents()
 
 
 def scan_heads(
@@ -108,7 +134,7 @@ def scan_heads(
     data: Data,
     *,
     lags: tuple[int, ...] | None = None,
-    n_sequences: int = 64,
+    n_sequences: int = 256,
     seed: int = 0,
     max_offset: int | None = None,
 ) -> pd.DataFrame:
@@ -122,7 +148,7 @@ def scan_heads(
     """
     _check_lags_first(model, data, lags)
     config = ProbeConfig(n_sequences=n_sequences, seed=seed, max_offset=max_offset)
-    return ProbeSession(model, data, config).heads(lags)
+    return _session(model, data, config).heads(lags)
 
 
 def copier_probe(
@@ -139,7 +165,7 @@ def copier_probe(
     positional copier answers from its weights (unless ``from_patterns``), any other layer from its attention
     on data."""
     config = ProbeConfig(n_sequences=n_sequences, seed=seed, max_lag=max_lag)
-    return ProbeSession(model, data, config).copier(layer, from_patterns)
+    return _session(model, data, config).copier(layer, from_patterns)
 
 
 def copier_lags(model: nn.Module, data: Data, **kwargs: object) -> list[int]:
@@ -162,7 +188,7 @@ def classifier_probe(
     last layer. For ``IHTransformer`` the ideal is the GIH's mass e^a N / (e^a N + T' - N).
     """
     _check_lags_first(model, data, lags)
-    session = ProbeSession(model, data, ProbeConfig(n_sequences=n_sequences, seed=seed))
+    session = _session(model, data, ProbeConfig(n_sequences=n_sequences, seed=seed))
     if lags is None and not session.behaviour.used_lags:
         raise ValueError("the model uses no lag (behavioural probe); pass lags=... to probe the classifier")
     return session.classifier(lags, layer)
@@ -200,10 +226,10 @@ def decomposition_test(
         recovered_threshold=recovered_threshold,
         control_ratio=control_ratio,
     )
-    return ProbeSession(model, data, config).decomposition(lags)
+    return _session(model, data, config).decomposition(lags)
 
 
 def head_patching(model: nn.Module, data: Data, lag: int, *, n_sequences: int = 64, seed: int = 0) -> pd.DataFrame:
     """Patch every head's ``hook_z`` at the query row from a clean run into one where lag ``lag`` is resampled
     (``patching.py``)."""
-    return ProbeSession(model, data, ProbeConfig(n_sequences=n_sequences, seed=seed)).head_patching(lag)
+    return _session(model, data, ProbeConfig(n_sequences=n_sequences, seed=seed)).head_patching(lag)

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ih_circuits.predictors import unigram_predictive
 from ih_circuits.probes.data import ProbeData
 
 FLOOR_NATS = 0.01
@@ -132,11 +131,15 @@ def query_nlls(
     data, the Bayes predictor's (under the task's prior).
 
     The unigram is a smoothed baseline, not a Bayes predictor: (N(e) + alpha) / (t + 1 + d alpha) with alpha the
-    task's ``alpha`` field (0.1 without a task), whatever the prior."""
+    task's ``alpha`` field (0.1 without a task), whatever the prior; only the query row's counts are made (one
+    vocabulary-sized row per sequence, not one per position)."""
     target = tokens[:, -1:]
     task = data.task
     alpha = task.alpha if task is not None else 0.1
-    predictors = {"unigram": unigram_predictive(tokens[:, :-1], alpha, d_vocab=d_vocab)[:, -1]}
+    context = tokens[:, :-1]
+    counts = torch.zeros(len(tokens), d_vocab, dtype=torch.float64, device=tokens.device)
+    counts.scatter_add_(1, context, torch.ones_like(context, dtype=torch.float64))
+    predictors = {"unigram": (counts + alpha) / (context.shape[1] + d_vocab * alpha)}
     if task is not None:
         predictors["bayes"] = task.bayes_predictive(tokens[:, :-1])[:, -1]
     nlls = {"model": -model_log_probs.gather(1, target)[:, 0].double().cpu()}
@@ -179,28 +182,30 @@ class RepresentationalReport:
 
 
 def fit_linear_probes(
-    features: Float[Tensor, "sample feature"], labels: Int[Tensor, "sample lag"], n_classes: int, ridge: float = 1e-3
+    features: Float[Tensor, "sample feature"], labels: Int[Tensor, "sample lag"], ridge: float = 1e-3
 ) -> Callable[[Tensor], Int[Tensor, "sample lag"]]:
     """Ridge-regression classifiers, one per column of ``labels``, in one closed-form solve.
 
     On standardised features X (plus a bias column) W = (X^T X + ridge n I)^-1 X^T Y with Y the one-hot labels of
-    every lag side by side; a sample's class for lag s is the argmax of its block of X W. A least-squares probe
+    every lag side by side (over the classes the training labels contain, so a vocabulary of 50257 costs no more than
+    one of 8); a sample's class for lag s is the argmax of its block of X W. A least-squares probe
     is linear like a logistic one and recovers exactly any label that is a linear function of the features
     (one-hot copies), with no iterations. Returns the predictor.
     """
     n_samples, n_lags = labels.shape
+    seen, labels = torch.unique(labels, return_inverse=True)
     mean, scale = features.mean(0), features.std(0).clamp_min(1e-6)
 
     def design(x: Tensor) -> Tensor:
         return torch.cat([(x - mean) / scale, torch.ones(len(x), 1, device=x.device)], dim=-1).double()
 
     x = design(features)
-    targets = einops.rearrange(F.one_hot(labels, n_classes), "sample lag cls -> sample (lag cls)").double()
+    targets = einops.rearrange(F.one_hot(labels, len(seen)), "sample lag cls -> sample (lag cls)").double()
     gram = x.T @ x + ridge * n_samples * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     weights = torch.linalg.solve(gram, x.T @ targets)
 
     def predict(new: Tensor) -> Tensor:
         scores = einops.rearrange(design(new) @ weights, "sample (lag cls) -> sample lag cls", lag=n_lags)
-        return scores.argmax(-1)
+        return seen[scores.argmax(-1)]
 
     return predict

@@ -84,30 +84,31 @@ def assign_roles(
     induction = frame["induction_lift"].fillna(-1.0) >= config.role_lift
     candidate = ~induction & (frame["offset"] >= 1) & (frame["copier_lift"] >= config.shared_lift)
     group_lift = frame[candidate].groupby("offset")["copier_lift"].sum()
-    names = [head_name(int(r.layer), int(r.head)) for r in frame.itertuples()]
-    roles, shared, evidence = [], [], []
+    roles, evidence = [], []
     for i, row in enumerate(frame.itertuples()):
         key = (int(row.layer), int(row.head))
-        partners = ""
         if induction.iloc[i]:
             role, why = "induction", "attention"
         elif candidate.iloc[i] and (row.copier_lift >= config.role_lift or group_lift[row.offset] >= config.role_lift):
             role, why = "copier", "attention"
-            mates = [
-                names[j]
-                for j in range(len(frame))
-                if j != i and candidate.iloc[j] and frame["offset"].iloc[j] == row.offset
-            ]
-            partners = " + ".join(mates) if row.copier_lift < config.role_lift or mates else ""
             if causal is not None and key in causal:
                 carried = causal[key] >= config.causal_share
                 role, why = ("copier", "attention and patching") if carried else ("other", "patching: carries nothing")
-                partners = partners if carried else ""
         else:
             role, why = "other", "attention"
         roles.append(role)
-        shared.append(partners)
         evidence.append(why)
+    copiers = [
+        (int(r.layer), int(r.head), int(r.offset))
+        for r, role in zip(frame.itertuples(), roles, strict=True)
+        if role == "copier"
+    ]
+    shared = [
+        " + ".join(head_name(lyr, hd) for lyr, hd, o in copiers if o == r.offset and (lyr, hd) != (r.layer, r.head))
+        if role == "copier"
+        else ""
+        for r, role in zip(frame.itertuples(), roles, strict=True)
+    ]
     frame["role"] = roles
     frame["shared_with"] = shared
     frame["evidence"] = evidence

@@ -207,7 +207,7 @@ class ProbeSession:
         half = tokens.shape[0] // 2
         lags = list(range(1, max_lag + 1))
         labels = torch.stack([tokens[:, max_lag - lag : tokens.shape[1] - lag] for lag in lags], dim=-1)
-        probe = fit_linear_probes(features[:half].flatten(0, 1), labels[:half].flatten(0, 1), self.adapter.d_vocab)
+        probe = fit_linear_probes(features[:half].flatten(0, 1), labels[:half].flatten(0, 1))
         truth = labels[half:].flatten(0, 1)
         accuracy = (probe(features[half:].flatten(0, 1)) == truth).float().mean(0).tolist()
         counts = torch.zeros(max_lag, self.adapter.d_vocab, device=truth.device).scatter_add_(
@@ -274,14 +274,7 @@ class ProbeSession:
             return self._heads[lags]
         frame = self._attention_roles(lags)
         patching = self.path_patching(lags)
-        causal: dict[Head, float] = {}
-        carries: dict[Head, str] = {}
-        for record in patching.itertuples():
-            for name in record.heads.split(" + "):
-                key = _parse(name)
-                if record.share > causal.get(key, -math.inf):
-                    causal[key] = record.share
-                    carries[key] = f"{record.side}: share {record.share:.2f} ({record.heads})"
+        causal, carries = _credit(patching, self.config)
         if causal:
             frame = assign_roles(frame.drop(columns=["role", "shared_with", "evidence"]), self.config, causal)
         frame["carries"] = [carries.get((int(r.layer), int(r.head)), "not patched") for r in frame.itertuples()]
@@ -419,14 +412,34 @@ def _parse(name: str) -> Head:
     return int(layer), int(head)
 
 
+def _credit(patching: pd.DataFrame, config: ProbeConfig) -> tuple[dict[Head, float], dict[Head, str]]:
+    """Each patched head's share: the largest of its own patches, and of the joint patches of heads sharing its
+    job when its own patch moved the prediction significantly (KL above ``n_stderr`` standard errors): a head
+    that writes nothing is not credited with its partners' effect."""
+    significant = {
+        _parse(r.heads) for r in patching.itertuples() if " + " not in r.heads and r.kl > config.n_stderr * r.kl_stderr
+    }
+    causal: dict[Head, float] = {}
+    carries: dict[Head, str] = {}
+    for record in patching.itertuples():
+        members = [_parse(name) for name in record.heads.split(" + ")]
+        for key in members:
+            if len(members) > 1 and key not in significant:
+                continue
+            if record.share > causal.get(key, -math.inf):
+                causal[key] = record.share
+                carries[key] = f"{record.side}: share {record.share:.2f} ({record.heads})"
+    return causal, carries
+
+
 def _jobs(frame: pd.DataFrame, patching: pd.DataFrame) -> list[str]:
     """Heads that share a copier job, in words: their offset, summed attention and what patching them moved."""
     lines = []
     copiers = frame[(frame["role"] == "copier") & (frame["shared_with"] != "")]
     for offset, group in copiers.groupby("offset"):
         names = " + ".join(head_name(int(r.layer), int(r.head)) for r in group.itertuples())
-        mass = float(group["copier_score"].sum())
-        line = f"{names}: offset {offset}, {mass:.2f} of the attention"
+        masses = " + ".join(f"{score:.2f}" for score in group["copier_score"])
+        line = f"{names}: offset {offset}, {masses} of their attention"
         joint = patching[patching["heads"] == names] if len(patching) else patching
         for record in joint.itertuples():
             line += f", {record.side} share {record.share:.2f}"

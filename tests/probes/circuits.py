@@ -27,7 +27,10 @@ Circuit:
   tokens that followed matching histories). Token and position embeddings are one-hots; all biases are 0.
 
 Residual layout (``residual_layout``): ``[token one-hot (d_vocab) | position one-hot (n_ctx) | one d_vocab
-slot per copier offset, in offset order | output slot (d_vocab)]``; d_model = d_vocab x (2 + #offsets) + n_ctx.
+slot per copier offset, in offset order | output slot (d_vocab) | junk slot (d_vocab)]``, d_model = d_vocab x
+(3 + #offsets) + n_ctx; the junk slot takes what distractor heads and MLPs write (``induction_circuit``'s options
+place the copiers and the induction head in any layers, split a copier over two heads, add distractor heads
+and MLPs), and nothing reads it.
 d_head = max(n_ctx, |L| x d_vocab + 1); n_heads = max(#offsets, 1) in every layer.
 """
 
@@ -64,6 +67,22 @@ def copier_heads(lags: Sequence[int]) -> dict[int, int]:
     return dict(enumerate(copier_offsets(lags)))
 
 
+DISTRACTOR_OFFSET = 4
+
+
+def extra_heads(lags: Sequence[int], *, shared: bool = False, distractors: bool = False) -> dict[int, tuple[int, str]]:
+    """Copier-layer heads after the copiers: head -> (offset attended, what it writes: "half" of the offset's
+    one-hot into its slot, "silent" nothing, "junk" into the junk slot)."""
+    offsets = copier_offsets(lags)
+    heads: dict[int, tuple[int, str]] = {}
+    if shared:
+        heads[len(offsets)] = (offsets[0], "half")
+    if distractors:
+        heads[len(offsets) + len(heads)] = (offsets[0], "silent")
+        heads[len(offsets) + len(heads)] = (DISTRACTOR_OFFSET, "junk")
+    return heads
+
+
 def induction_head_location(lags: Sequence[int], n_layers: int = 2) -> tuple[int, int]:
     """(layer, head) of the induction head of ``induction_circuit(lags, n_layers=n_layers)``: head 0, last layer."""
     _lags(lags)
@@ -91,6 +110,11 @@ def induction_circuit(
     n_layers: int = 2,
     sharpness: float = DEFAULT_SHARPNESS,
     gain: float = DEFAULT_GAIN,
+    copier_layer: int = 0,
+    induction_layer: int | None = None,
+    shared: bool = False,
+    distractors: bool = False,
+    mlp: bool = False,
 ) -> TransformerBridge:
     """An attention-only ``TransformerBridge`` whose weights implement the exact induction circuit for ``lags``.
 
@@ -103,6 +127,13 @@ def induction_circuit(
         sharpness: attention logit gap (after the 1/sqrt(d_head) scale) between the intended keys and the
             rest, per mismatching lag; 30 leaves ~1e-12 of the mass elsewhere.
         gain: unembedding gain: logits = gain x the induction head's copied token distribution.
+        copier_layer, induction_layer: where the copiers and the induction head sit (default 0 and the last
+            layer); every other layer is inert (or holds only the distractors and MLPs below).
+        shared: the copier of the smallest offset is split over two heads that both attend to it and each write
+            half of its one-hot (two heads sharing one job).
+        distractors: two more heads in the copier layer: one attends to the smallest offset but writes nothing,
+            one attends to offset ``DISTRACTOR_OFFSET`` and writes into the junk slot.
+        mlp: an MLP in every block that reads the token slot and writes only into the junk slot.
 
     Returns:
         the model, in eval mode, float32, on CPU. See the module docstring for the circuit and residual layout.
@@ -112,10 +143,15 @@ def induction_circuit(
         raise ValueError(f"n_layers must be >= 2; got {n_layers}")
     if d_vocab < 1 or n_ctx < 2 or max(lags) >= n_ctx:
         raise ValueError(f"need d_vocab >= 1 and max(lags) < n_ctx; got d_vocab={d_vocab}, n_ctx={n_ctx}, {lags=}")
+    induction_layer = n_layers - 1 if induction_layer is None else induction_layer
+    if not 0 <= copier_layer < induction_layer < n_layers:
+        raise ValueError(f"need 0 <= copier_layer < induction_layer < n_layers; got {copier_layer}, {induction_layer}")
     offsets = copier_offsets(lags)
     layout = residual_layout(lags, d_vocab=d_vocab, n_ctx=n_ctx)
-    d_model = layout["output"].stop
-    n_heads = max(len(offsets), 1)
+    junk = layout["output"].stop
+    d_model = junk + d_vocab
+    heads = extra_heads(lags, shared=shared, distractors=distractors)
+    n_heads = len(offsets) + len(heads)
     d_head = max(n_ctx, len(lags) * d_vocab + 1)
     cfg = TransformerBridgeConfig(
         d_model=d_model,
@@ -124,7 +160,9 @@ def induction_circuit(
         n_ctx=n_ctx,
         n_heads=n_heads,
         d_vocab=d_vocab,
-        attn_only=True,
+        attn_only=not mlp,
+        d_mlp=d_vocab,
+        act_fn="relu",
         normalization_type=None,
         positional_embedding_type="standard",
         seed=0,
@@ -146,19 +184,33 @@ def induction_circuit(
         native.tok_embed.weight[vocab, tok + vocab] = 1.0
         native.pos.weight[torch.arange(n_ctx), pos + torch.arange(n_ctx)] = 1.0
 
-        # Layer 0: head h attends from i to i - o (rows i < o: to position 0) and copies that token to slot o.
-        attn = native.layers[0].attn
-        for head, offset in copier_heads(lags).items():
+        # Copier layer: head h attends from i to i - o (rows i < o: to position 0) and copies that token to slot o.
+        attn = native.layers[copier_layer].attn
+        writes = {head: (slot[offset], 1.0) for head, offset in copier_heads(lags).items()}
+        attends = dict(copier_heads(lags))
+        for head, (offset, target) in heads.items():
+            attends[head] = offset
+            writes[head] = {"half": (slot.get(offset), 0.5), "silent": None, "junk": (junk, 1.0)}[target]
+        if shared:
+            writes[0] = (slot[offsets[0]], 0.5)
+        for head, offset in attends.items():
             base = head * d_head
             for i in range(n_ctx):
                 attn.q.weight[base + max(i, offset), pos + i] = q_scale
             for j in range(n_ctx - offset):
                 attn.k.weight[base + j + offset, pos + j] = 1.0
             attn.v.weight[base + vocab, tok + vocab] = 1.0
-            attn.o.weight[slot[offset] + vocab, base + vocab] = 1.0
+            if writes[head] is not None:
+                start, scale = writes[head]
+                attn.o.weight[start + vocab, base + vocab] = scale
+        if mlp:
+            generator = torch.Generator().manual_seed(0)
+            for layer in native.layers:
+                layer.mlp.fc_in.weight[:, tok : tok + d_vocab] = torch.randn(d_vocab, d_vocab, generator=generator)
+                layer.mlp.fc_out.weight[junk + vocab, :] = torch.randn(d_vocab, d_vocab, generator=generator)
 
-        # Last layer, head 0: match the query's history against each key's history, copy the key's token.
-        attn = native.layers[n_layers - 1].attn
+        # Induction layer, head 0: match the query's history against each key's history, copy the key's token.
+        attn = native.layers[induction_layer].attn
         for k, s in enumerate(lags):
             block = k * d_vocab + vocab
             query_start = tok if s == 1 else slot[s - 1]

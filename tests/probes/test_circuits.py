@@ -49,7 +49,7 @@ def test_head_bookkeeping() -> None:
     assert list(layout) == ["token", "position", "offset_1", "offset_2", "offset_3", "output"]
     assert layout["output"] == slice(64, 72)
     model = induction_circuit((1, 3))
-    assert (model.cfg.d_model, model.cfg.n_heads, model.cfg.d_head, model.cfg.n_layers) == (72, 3, 32, 2)
+    assert (model.cfg.d_model, model.cfg.n_heads, model.cfg.d_head, model.cfg.n_layers) == (80, 3, 32, 2)  # + junk slot
     for name, param in model.named_parameters():
         if name.endswith("bias"):
             assert not param.any(), name
