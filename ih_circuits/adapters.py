@@ -39,6 +39,8 @@ class TransformerLensAdapter:
     value_offset = 0
     parts: IHTransformer | None = None
     """The white-box parts (copier weights, selector shares, scale a) where the model has them, else None."""
+    restartable: bool | None = None
+    """Whether a run can start at a layer from a given residual (``start_at_layer``); None until first tried."""
 
     def __init__(self, model: nn.Module) -> None:
         cfg = getattr(model, "cfg", None)

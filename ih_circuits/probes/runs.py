@@ -75,16 +75,6 @@ class QuerySide:
     z: dict[int, Float[Tensor, "variant batch head d_head"]]
 
 
-def restartable(adapter: TransformerLensAdapter) -> bool:
-    """Whether the model's forward takes ``start_at_layer`` (so a run can restart from a cached residual)."""
-    if adapter.parts is not None:
-        return False
-    try:
-        return "start_at_layer" in inspect.signature(adapter.model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def query_row_hook(adapter: TransformerLensAdapter, row: int) -> Hook:
     """Keep only the query row of the last block's output, so the unembedding runs on one position."""
     return (f"blocks.{adapter.n_layers - 1}.hook_resid_post", lambda x, hook: x[:, row : row + 1])
@@ -129,11 +119,20 @@ def run_from(
     """Query-row log-probabilities of a run that enters ``layer`` with residual ``resid``.
 
     Restarts at ``layer`` where the model can (``start_at_layer``: (L - layer) / L of a forward); otherwise runs
-    ``tokens`` from the start with the residual entering ``layer`` replaced (a whole forward)."""
+    ``tokens`` from the start with the residual entering ``layer`` replaced (a whole forward). Whether it can is
+    learnt on the first run and kept on the adapter (``restartable``): the model's ``forward`` must take
+    ``start_at_layer`` (``IHTransformer``'s does not), and TransformerLens 3.x's ``TransformerBridge`` takes it but
+    raises ``NotImplementedError``."""
     row = resid.shape[1] - 2
     every = [*hooks, query_row_hook(adapter, row)]
-    if restartable(adapter):
-        output = adapter.model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=every)
+    if adapter.restartable is None:
+        adapter.restartable = "start_at_layer" in inspect.signature(adapter.model.forward).parameters
+    if adapter.restartable:
+        try:
+            output = adapter.model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=every)
+        except NotImplementedError:
+            adapter.restartable = False
+    if adapter.restartable:
         meter.add(purpose, resid.shape[0], adapter.n_layers - layer)
     else:
         replace = (f"blocks.{layer}.hook_resid_pre", lambda x, hook: resid.to(x.dtype))
