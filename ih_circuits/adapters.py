@@ -28,8 +28,6 @@ from torch import Tensor, nn
 from ih_circuits.checks import check_int
 from ih_circuits.model import IHTransformer
 
-CHUNK = 1024
-
 
 class TransformerLensAdapter:
     """Any TransformerLens model with ``cfg``, ``run_with_cache``, ``run_with_hooks`` and per-layer
@@ -71,17 +69,6 @@ class TransformerLensAdapter:
         return check_int(layer, name, 0, self.n_layers - 1)
 
     @torch.no_grad()
-    def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
-        """log p(x_{T-1} | x_0..x_{T-2}): the query row's next-token distribution, in chunks."""
-        row = tokens.shape[1] - 2
-        parts = [self._log_probs(self.model(part), row) for part in tokens.split(CHUNK)]
-        return torch.cat(parts)
-
-    @staticmethod
-    def _log_probs(output: Tensor, row: int) -> Float[Tensor, "batch d_vocab"]:
-        return torch.log_softmax(output[:, row].float(), dim=-1)
-
-    @torch.no_grad()
     def patterns(self, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch head query_pos key_pos"]:
         """The attention pattern of every head of ``layer``."""
         name = self.pattern_hook(layer)
@@ -119,11 +106,6 @@ class IHAdapter(TransformerLensAdapter):
         if query_layer not in (None, 1):
             raise ValueError(f"query_layer must be None or 1 for IHTransformer (the classifier); got {query_layer!r}")
         return "blocks.0.attn.hook_result"
-
-    @torch.no_grad()
-    def query_log_probs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_vocab"]:
-        parts = [self.parts.query_log_probs(part).float() for part in tokens.split(CHUNK)]
-        return torch.cat(parts)
 
     @torch.no_grad()
     def patterns(self, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch head query_pos key_pos"]:

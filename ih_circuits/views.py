@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ih_circuits.chain import history_codes, validate_lags
 from ih_circuits.checkpoint import atomic_write_text
 from ih_circuits.history import copier_weights, selector_shares
-from ih_circuits.probes import DecompositionReport, ParentReport, ProbeSession
+from ih_circuits.probes import DecompositionReport, ParentReport, ProbeConfig, ProbeSession
 from ih_circuits.seeds import derive_seed
 from ih_circuits.task import NGramTask
 
@@ -149,7 +149,7 @@ def attention_data(
         heads = [f"head {h}" for h in range(pattern.shape[0])]
         title = "Layer 1 (classifier): each row attends to the keys whose parent history matches its next token's"
     else:
-        offsets = offset_table({layer: pattern[None]}, n_pos - 1)["offset"].tolist()
+        offsets = offset_table({layer: pattern[None]}, n_pos - 1, ProbeConfig.shared_lift)["offset"].tolist()
         heads = [f"L{layer}H{h} (offset {o})" for h, o in enumerate(offsets)]
         title = f"Layer {layer} attention of {adapter.name} (heads named by their dominant offset)"
     lags = lags if lags is not None else (task.parents if task is not None else None)

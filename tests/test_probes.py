@@ -181,7 +181,7 @@ def test_trained_ordinary_transformer_uses_the_parents():
     report = find_parents(run.model, task)
     assert report.lags == (1, 2) and {1, 2} <= set(report.representational.represented)
     decomposition = decomposition_test(run.model, task)
-    assert decomposition.method == "surrogate"
+    assert decomposition.method == "replacement"
     induction_row = next(r for r in decomposition.rows if r["check"] == "induction head")
     # Measured lift 0.935 after 800 steps (seed 0, the same run as test_baselines.py's slow test).
     assert induction_row["induction_lift"] > 0.5

@@ -24,6 +24,7 @@ model's and the in-context unigram's query losses for comparison.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,6 +123,12 @@ class BehaviouralReport:
     def __repr__(self) -> str:
         effects = ", ".join(f"{s}: {e:.3f}" for s, e in zip(self.lags, self.query_effect, strict=True))
         return f"BehaviouralReport(used_lags={self.used_lags}; query-side KL per lag (nats) {effects})"
+
+
+def mean_stderr(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean over the last dimension (sequences) and its standard error std / sqrt(n), in float64."""
+    values = values.double()
+    return values.mean(-1), values.std(-1) / math.sqrt(values.shape[-1])
 
 
 def query_nlls(

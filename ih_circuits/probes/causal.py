@@ -21,7 +21,6 @@ also patched together: redundant heads can each look unused alone.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -31,8 +30,9 @@ from torch import Tensor
 
 from ih_circuits.adapters import TransformerLensAdapter
 from ih_circuits.predictors import kl_divergence
+from ih_circuits.probes.behavioural import mean_stderr
 from ih_circuits.probes.roles import head_name
-from ih_circuits.probes.runs import CleanRun, Meter, query_row_hook, run_from
+from ih_circuits.probes.runs import CleanRun, Meter, query_row_hook, run_from, store_hook
 
 Head = tuple[int, int]
 
@@ -110,11 +110,6 @@ def _patch_z(heads: list[Head], source: dict[int, Tensor], positions: slice | in
     return [(f"blocks.{layer}.attn.hook_z", hook_for(layer)) for layer in sorted(by_layer)]
 
 
-def _mean_stderr(values: Tensor) -> tuple[float, float]:
-    values = values.double()
-    return float(values.mean()), float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
-
-
 def matching_mass(
     patterns: dict[int, Tensor], induction: list[Head], match: Bool[Tensor, "batch key_pos"]
 ) -> Float[Tensor, " batch"]:
@@ -145,7 +140,9 @@ def key_side(
         start = min(layer for layer, _ in group)
         captured: dict[int, Tensor] = {}
         capture = [
-            (adapter.pattern_hook(layer), _keep_row(captured, layer, row)) for layer in clean_rows if layer >= start
+            (adapter.pattern_hook(layer), store_hook(captured, layer, lambda x: x[:, :, row].float()))
+            for layer in clean_rows
+            if layer >= start
         ]
         with torch.no_grad():
             hooks = [*_patch_z(group, other, slice(0, row)), *capture]
@@ -154,24 +151,18 @@ def key_side(
         patterns = {**clean_rows, **captured}
         mass = matching_mass(patterns, induction, match)[has]
         drop = float((clean_mass - mass).mean())
+        kl_mean, kl_stderr = mean_stderr(kl)
         records.append(
             {
                 "heads": " + ".join(head_name(*h) for h in group),
                 "side": "key",
-                "kl": _mean_stderr(kl)[0],
-                "kl_stderr": _mean_stderr(kl)[1],
+                "kl": float(kl_mean),
+                "kl_stderr": float(kl_stderr),
                 "matching_attention": float(mass.mean()) if len(mass) else float("nan"),
                 "share": drop / lift if lift > 1e-9 else 0.0,
             }
         )
     return pd.DataFrame(records)
-
-
-def _keep_row(store: dict, layer: int, row: int):
-    def hook(activation: Tensor, hook: object) -> None:
-        store[layer] = activation[:, :, row].detach().float()
-
-    return hook
 
 
 def query_side_patching(
@@ -194,7 +185,7 @@ def query_side_patching(
             hooks = _patch_z(group, corrupted_z, row)
             log_probs = run_from(adapter, clean.resid[start], start, tokens, hooks, meter, "heads: query-side patching")
         kl = kl_divergence(clean.log_probs, log_probs, kind="log_probs").clamp_min(0)
-        mean, stderr = _mean_stderr(kl)
+        mean, stderr = (float(v) for v in mean_stderr(kl))
         records.append(
             {
                 "heads": " + ".join(head_name(*h) for h in group),
@@ -213,4 +204,4 @@ def pattern_shift(
 ) -> tuple[Float[Tensor, "lag head"], Float[Tensor, "lag head"]]:
     """Total variation between each head's clean and query-side-corrupted query-row attention: mean, stderr."""
     tv = 0.5 * (corrupted_rows - clean_row[None]).abs().sum(-1)  # [lag, batch, head]
-    return tv.mean(1), tv.std(1) / math.sqrt(tv.shape[1])
+    return mean_stderr(tv.transpose(1, 2))

@@ -12,11 +12,11 @@ Both kinds of model are tested by replacement (``method="replacement"``), one pa
 
 - ``IHTransformer``: the copier by exact one-hot copies of each head's dominant lag, the selector by all weight
   on the heads that copy the found lags, the classifier by the ideal GIH attention at the model's a;
-- any TransformerLens model (``replacement.py``): the copier heads' patterns by exact offset patterns, the
-  induction heads' patterns by the ideal GIH attention on the found lags at a fitted a; the heads come from
-  ``ProbeSession.heads()`` (roles from attention and patching), the same roles the views show. The size of the
-  smoothing (how far the plain GIH predictor on the found lags, the best a on a grid, is from the model) is its
-  own check.
+- any TransformerLens model (``replacement.py``): the copier heads' patterns by exact copiers of the offsets
+  they serve, the induction heads' patterns by the ideal GIH attention on the found lags at a fitted a; the
+  heads come from ``ProbeSession.heads()`` (roles from attention and patching), the same roles the views show.
+  The size of the smoothing (how far the plain GIH predictor on the found lags, the best a on a grid, is from
+  the model) is its own check.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ih_circuits.adapters import IHAdapter, TransformerLensAdapter
-from ih_circuits.chain import history_codes
 from ih_circuits.predictors import gih_predictive, kl_divergence
 from ih_circuits.probes.behavioural import query_nlls
 from ih_circuits.probes.causal import Head
@@ -42,7 +41,7 @@ from ih_circuits.probes.config import ProbeConfig
 from ih_circuits.probes.data import ProbeData
 from ih_circuits.probes.heads import CopierReport
 from ih_circuits.probes.parents import ParentReport
-from ih_circuits.probes.replacement import all_matches, fitted_scale, gih_pattern, offset_pattern, pattern_hooks
+from ih_circuits.probes.replacement import all_matches, copier_pattern, fitted_scale, gih_pattern, pattern_hooks
 from ih_circuits.probes.roles import head_name
 from ih_circuits.probes.runs import CleanRun, Meter, run_from
 
@@ -135,17 +134,6 @@ def _exact_copies(tokens: Int[Tensor, "batch pos"], head_lags: list[int], d_voca
         shifted = F.pad(tokens, (lag - 1, 0), value=-1)[:, :n_pos]
         copies.append(F.one_hot(shifted.clamp_min(0), d_vocab).to(dtype) * (shifted >= 0)[..., None])
     return torch.stack(copies, dim=2)
-
-
-def _ideal_pattern(tokens: Int[Tensor, "batch pos"], lags: tuple[int, ...], a: float, d_vocab: int) -> Tensor:
-    """The GIH's layer-2 attention at scale a: softmax over keys j < t of a [hist(j+1) = hist(t+1)]."""
-    codes = history_codes(tokens, lags, d_vocab)[:, 1:]
-    match = (codes[:, :, None] == codes[:, None, :]) & (codes[:, :, None] >= 0) & (codes[:, None, :] >= 0)
-    n_pos = tokens.shape[1]
-    visible = torch.ones(n_pos, n_pos, dtype=torch.bool, device=tokens.device).tril(-1)
-    logits = torch.where(visible, a * match.double(), float("-inf"))
-    pattern = torch.softmax(torch.where(visible.any(-1)[:, None], logits, 0.0), dim=-1) * visible.any(-1)[:, None]
-    return pattern[:, None].float()
 
 
 def _selected_copier_problem(adapter: IHAdapter, copier: CopierReport) -> str | None:
@@ -305,7 +293,8 @@ def _replacements(
             ("blocks.0.mlp.hook_subset_similarity", keep_chosen),
             ("blocks.0.mlp.hook_kernel", lambda act, hook: similarity["chosen"]),
         ]
-    ideal = _ideal_pattern(tokens, lags, model.classifier_scale(), config.d_vocab).to(dtype)
+    ideal = gih_pattern(all_matches(tokens, lags, adapter.value_offset), model.classifier_scale(), adapter.value_offset)
+    ideal = ideal[:, None].to(dtype)
     # Head 0 is the classifier; the layer's other head slots are inert and keep their pattern.
     hooks["classifier"] = [("blocks.1.attn.hook_pattern", lambda act, hook: torch.cat([ideal, act[:, 1:]], dim=1))]
     row = tokens.shape[1] - 2
@@ -338,25 +327,40 @@ def _replace_heads(
     (``replacement.py``), then the plain GIH predictor's distance to the model (the smoothing)."""
     induction = [(int(r.layer), int(r.head)) for r in frame.itertuples() if r.role == "induction"]
     later = frame[frame["layer"] >= 1]
-    if not induction:
-        best = later.loc[later["induction_lift"].idxmax()] if len(later) else None
+    best = later.loc[later["induction_lift"].idxmax()] if len(later) else None
+    lift = float(best["induction_lift"]) if best is not None else 0.0
+    if induction:
+        verdict = (
+            f"passed: {_names(induction)} have an induction lift >= {config.role_lift} on lags {lags} "
+            f"(best {head_name(int(best['layer']), int(best['head']))}: {lift:.3f})"
+        )
+    else:
         where = (
-            f"best {head_name(int(best.layer), int(best.head))}: {best.induction_lift:.3f}"
-            if best is not None
-            else "one layer only"
+            f"best {head_name(int(best['layer']), int(best['head']))}: {lift:.3f}" if best is not None else "one layer"
         )
-        structural.append(
-            (
-                "induction head",
-                f"no head in layers >= 1 has an induction lift >= {config.role_lift} on lags {lags} ({where})",
-            )
-        )
+        why = f"no head in layers >= 1 has an induction lift >= {config.role_lift} on lags {lags} ({where})"
+        structural.append(("induction head", why))
+        verdict = f"failed: {why}"
+    rows.append(
+        {
+            "check": "induction head",
+            "heads": _names(induction) or "none",
+            "induction_lift": lift,
+            "passed": bool(induction),
+            "verdict": verdict,
+        }
+    )
     last = max((layer for layer, _ in induction), default=adapter.n_layers)
     needed = sorted(set(lags) | {s - 1 for s in lags if s > 1})
     copiers: dict[int, list[Head]] = {}
+    weights: dict[Head, dict[int, float]] = {}
     for record in frame.itertuples():
-        if record.role == "copier" and record.layer < last and record.offset in needed:
-            copiers.setdefault(int(record.offset), []).append((int(record.layer), int(record.head)))
+        served = {o: mass for o, mass in record.offsets.items() if o in needed}
+        if record.role == "copier" and record.layer < last and served:
+            head = (int(record.layer), int(record.head))
+            weights[head] = served
+            for offset in served:
+                copiers.setdefault(offset, []).append(head)
     missing = [o for o in needed if o not in copiers]
     if missing:
         structural.append(("copier heads", _missing_copiers(frame, missing, last, clean)))
@@ -377,11 +381,11 @@ def _replace_heads(
     row = n_pos - 2
     match = all_matches(tokens, lags, adapter.value_offset)
     scales = {h: fitted_scale(clean.patterns[h[0]][:, h[1], row], match[:, row], row + 1) for h in induction}
-    copier_patterns = {h: offset_pattern(n_pos, o, tokens.device) for o, hs in copiers.items() for h in hs}
+    copier_patterns = {h: copier_pattern(n_pos, served, tokens.device) for h, served in weights.items()}
     classifier_patterns = {h: gih_pattern(match, a) for h, a in scales.items()}
     fitted = ", ".join(f"{head_name(*h)} a = {a:.2f}" for h, a in scales.items())
     plans = {
-        "copier": (copier_patterns, f"replaced {_names(list(copier_patterns))} by exact offset patterns"),
+        "copier": (copier_patterns, f"replaced {_names(list(copier_patterns))} by exact copiers of their offsets"),
         "classifier": (classifier_patterns, f"replaced {_names(induction)} by the ideal GIH on {lags} ({fitted})"),
         "all": ({**copier_patterns, **classifier_patterns}, "both replacements at once"),
     }

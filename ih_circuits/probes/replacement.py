@@ -2,13 +2,14 @@
 
 Through ``hook_pattern`` (every row of the heads named):
 
-- **copier**: each copier head's pattern becomes the exact offset pattern, row t attending to key t - o only
-  (rows t < o keep their own attention: there is no key t - o);
+- **copier**: each copier head's pattern becomes the exact copier of the needed offsets it serves, row t
+  attending to keys t - o only, in the proportions of its own attention there (one-hot for a head with one
+  offset; rows t < o keep their own attention: there is no key t - o);
 - **classifier**: each induction head's pattern becomes the ideal GIH attention on the found lags L,
   softmax over the visible keys j <= t of a [hist_L(j) = hist_L(t + 1)] (uniform when no key matches), with a
   fitted per head from its own attention at the query row: a head with mass m on the N matching keys out of V
   visible keys has e^a = m (V - N) / (N (1 - m)) (the GIH's mass e^a N / (e^a N + V - N) solved for a); the
-  median over sequences, capped at ``A_MAX``;
+  median over sequences, capped at ``A_MAX`` (``IHTransformer``'s classifier uses the same pattern at its own a);
 - **all**: both at once.
 
 Each replacement restarts from the first layer it touches; the prediction at the query row is compared with the
@@ -20,7 +21,7 @@ next tokens is measured apart: the KL between the model and the best plain GIH p
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Float64, Int
 from torch import Tensor
 
 from ih_circuits.probes.causal import Head
@@ -29,12 +30,15 @@ from ih_circuits.probes.heads import history_matches
 A_MAX = 30.0
 
 
-def offset_pattern(n_pos: int, offset: int, device: torch.device) -> Float[Tensor, "query_pos key_pos"]:
-    """One-hot attention on key t - offset for rows t >= offset; NaN rows (t < offset) mean "keep the model's"."""
+def copier_pattern(n_pos: int, weights: dict[int, float], device: torch.device) -> Float[Tensor, "query_pos key_pos"]:
+    """The exact copier of the offsets in ``weights``: row t attends to key t - o with weight w_o / sum(w) (one-hot
+    for one offset); NaN rows (t < max offset) mean "keep the model's"."""
+    total = sum(weights.values())
     pattern = torch.zeros(n_pos, n_pos, device=device)
-    rows = torch.arange(offset, n_pos, device=device)
-    pattern[rows, rows - offset] = 1.0
-    pattern[:offset] = float("nan")
+    for offset, weight in weights.items():
+        rows = torch.arange(offset, n_pos, device=device)
+        pattern[rows, rows - offset] += weight / total
+    pattern[: max(weights)] = float("nan")
     return pattern
 
 
@@ -46,12 +50,17 @@ def all_matches(
     return history_matches(tokens, lags, rows, value_offset)
 
 
-def gih_pattern(match: Bool[Tensor, "batch query_pos key_pos"], a: float) -> Float[Tensor, "batch query_pos key_pos"]:
-    """softmax over visible keys j <= t of a [match]; uniform over the visible keys when none matches."""
+def gih_pattern(
+    match: Bool[Tensor, "batch query_pos key_pos"], a: float, value_offset: int = 0
+) -> Float64[Tensor, "batch query_pos key_pos"]:
+    """softmax over the visible keys of a [match] (uniform over them when none matches), a finite; key j is
+    visible from row t when the token it offers, j + ``value_offset``, is: j <= t - value_offset. A row with no
+    visible key (row 0 of ``IHTransformer``'s classifier) is all zeros."""
     n_pos = match.shape[-1]
-    visible = torch.ones(n_pos, n_pos, dtype=torch.bool, device=match.device).tril()
-    scores = torch.where(match, min(a, A_MAX), 0.0).masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    visible = torch.ones(n_pos, n_pos, dtype=torch.bool, device=match.device).tril(-value_offset)
+    seen = visible.any(-1)[:, None]
+    scores = torch.where(match, a, 0.0).double().masked_fill(~visible, float("-inf"))
+    return torch.softmax(torch.where(seen, scores, 0.0), dim=-1) * seen
 
 
 def fitted_scale(

@@ -6,7 +6,9 @@ From attention, relative to chance (uniform attention over the t + 1 visible key
   t - o. The *dominant offset* is the one that explains the most attention summed over the rows (so a head that
   attends to position 0 from every row spreads over all offsets instead of scoring 1 at the last offset, which
   only the last row has); its *copier score* is the mean attention on it over the rows where it exists, and its
-  *copier lift* (score - chance) / (1 - chance), with chance the mean of 1 / (t + 1) over those rows.
+  *copier lift* (score - chance) / (1 - chance), with chance the mean of 1 / (t + 1) over those rows. A head
+  that copies several lags at once is listed under every offset whose own lift is >= ``shared_lift``
+  (``offsets``): the decomposition looks for the copiers of each offset it needs there.
 - **induction lift** for a lag set L: the mass on keys whose history over L matches the token the row predicts,
   lifted over the fraction of visible keys that match (``heads.induction_scores``).
 
@@ -29,13 +31,13 @@ from ih_circuits.probes.config import ProbeConfig
 
 
 def offset_profile(
-    pattern: Float[Tensor, "batch head query_pos key_pos"], value_offset: int = 0
+    pattern: Float[Tensor, "batch head query_pos key_pos"],
 ) -> tuple[Float[Tensor, "head offset"], Float[Tensor, "head offset"], Float[Tensor, " offset"]]:
     """Per head and offset o: attention summed over rows t >= o (mean over the batch), the mean over those rows,
-    and the chance level mean_t 1 / (visible keys at t)."""
+    and the chance level mean_t 1 / (t + 1) (row t of causal attention sees t + 1 keys)."""
     n_pos = pattern.shape[-1]
     summed, mean, chance = [], [], []
-    visible = (torch.arange(n_pos, device=pattern.device) + 1 - value_offset).clamp_min(1).float()
+    visible = torch.arange(1, n_pos + 1, device=pattern.device).float()
     for offset in range(n_pos):
         column = torch.diagonal(pattern, offset=-offset, dim1=-2, dim2=-1).mean(0)  # [head, rows t >= offset]
         summed.append(column.sum(-1))
@@ -45,26 +47,28 @@ def offset_profile(
 
 
 def offset_table(
-    patterns: dict[int, Float[Tensor, "batch head query_pos key_pos"]], max_offset: int, value_offset: int = 0
+    patterns: dict[int, Float[Tensor, "batch head query_pos key_pos"]], max_offset: int, min_lift: float
 ) -> pd.DataFrame:
-    """One row per (layer, head): dominant offset in 0..max_offset, copier score and lift (module docstring)."""
+    """One row per (layer, head): dominant offset in 0..max_offset, copier score and lift (module docstring), and
+    ``offsets``: every offset o >= 1 whose own lift is >= ``min_lift``, mapped to the head's mean attention there
+    (a head may copy several lags at once, e.g. half its attention on offset 1 and a third on offset 2)."""
     records = []
     for layer, pattern in patterns.items():
-        summed, mean, chance = offset_profile(pattern, value_offset)
+        summed, mean, chance = offset_profile(pattern)
         summed, mean, chance = summed[:, : max_offset + 1].cpu(), mean[:, : max_offset + 1].cpu(), chance.cpu()
+        lifts = (mean - chance[: max_offset + 1]) / (1 - chance[: max_offset + 1]).clamp_min(1e-12)
         for head in range(pattern.shape[1]):
             offset = int(summed[head].argmax())
-            score = float(mean[head, offset])
-            base = float(chance[offset])
-            lift = (score - base) / (1 - base) if base < 1 else 0.0
+            served = (lifts[head, 1:] >= min_lift).nonzero()[:, 0] + 1
             records.append(
                 {
                     "layer": layer,
                     "head": head,
                     "offset": offset,
                     "reads_lag": offset + 1,
-                    "copier_score": score,
-                    "copier_lift": lift,
+                    "copier_score": float(mean[head, offset]),
+                    "copier_lift": float(lifts[head, offset]),
+                    "offsets": {int(o): round(float(mean[head, o]), 4) for o in served},
                 }
             )
     return pd.DataFrame(records)

@@ -80,7 +80,9 @@ def query_row_hook(adapter: TransformerLensAdapter, row: int) -> Hook:
     return (f"blocks.{adapter.n_layers - 1}.hook_resid_post", lambda x, hook: x[:, row : row + 1])
 
 
-def _store(store: dict, key: object, select: Callable[[Tensor], Tensor] = lambda x: x) -> Callable:
+def store_hook(store: dict, key: object, select: Callable[[Tensor], Tensor] = lambda x: x) -> Callable:
+    """A forward hook that keeps ``select(activation)`` (detached) in ``store[key]``."""
+
     def hook(activation: Tensor, hook: object) -> None:
         store[key] = select(activation.detach())
 
@@ -94,10 +96,10 @@ def clean_run(adapter: TransformerLensAdapter, tokens: Int[Tensor, "batch pos"],
     patterns: dict[int, Tensor] = {}
     resid: dict[int, Tensor] = {}
     z: dict[int, Tensor] = {}
-    hooks = [(adapter.pattern_hook(layer), _store(patterns, layer)) for layer in range(adapter.n_layers)]
+    hooks = [(adapter.pattern_hook(layer), store_hook(patterns, layer)) for layer in range(adapter.n_layers)]
     if adapter.parts is None:
-        hooks += [(f"blocks.{layer}.hook_resid_pre", _store(resid, layer)) for layer in range(adapter.n_layers)]
-        hooks += [(f"blocks.{layer}.attn.hook_z", _store(z, layer)) for layer in range(adapter.n_layers)]
+        hooks += [(f"blocks.{layer}.hook_resid_pre", store_hook(resid, layer)) for layer in range(adapter.n_layers)]
+        hooks += [(f"blocks.{layer}.attn.hook_z", store_hook(z, layer)) for layer in range(adapter.n_layers)]
         hooks.append(query_row_hook(adapter, row))
         output = adapter.model.run_with_hooks(tokens, fwd_hooks=hooks)[:, 0]
     else:
@@ -163,17 +165,14 @@ def query_side(
         chunk = corrupted[start : start + VARIANTS_PER_RUN].flatten(0, 1)
         n = chunk.shape[0] // batch
         z: dict[int, Tensor] = {}
-        hooks = [(f"blocks.{lyr}.attn.hook_z", _store(z, lyr, lambda x: x[:, row])) for lyr in range(layer)]
-        resid_q = adapter.model.run_with_hooks(chunk, stop_at_layer=layer, fwd_hooks=hooks) if layer else None
+        hooks = [(f"blocks.{lyr}.attn.hook_z", store_hook(z, lyr, lambda x: x[:, row])) for lyr in range(layer)]
+        resid_q = adapter.model.run_with_hooks(chunk, stop_at_layer=layer, fwd_hooks=hooks)
         meter.add("parents: corrupted runs to the query layer", chunk.shape[0], layer)
-        if resid_q is None:
-            resid_q = _embedding(adapter, chunk)
-        base = clean.resid[layer].repeat(n, 1, 1)
-        patched = base.clone()
+        patched = clean.resid[layer].repeat(n, 1, 1)
         patched[:, row] = resid_q[:, row]
         patterns: dict[int, Tensor] = {}
         capture = [
-            (adapter.pattern_hook(lyr), _store(patterns, lyr, lambda x: x[:, :, row]))
+            (adapter.pattern_hook(lyr), store_hook(patterns, lyr, lambda x: x[:, :, row]))
             for lyr in range(layer, adapter.n_layers)
         ]
         repeated = tokens.repeat(n, 1)
@@ -188,12 +187,6 @@ def query_side(
             )
         )
     return _concat(parts)
-
-
-def _embedding(adapter: TransformerLensAdapter, tokens: Tensor) -> Tensor:
-    store: dict[int, Tensor] = {}
-    adapter.model.run_with_hooks(tokens, stop_at_layer=0, fwd_hooks=[("blocks.0.hook_resid_pre", _store(store, 0))])
-    return store[0]
 
 
 def _concat(parts: list[QuerySide]) -> QuerySide:
@@ -220,7 +213,7 @@ def _query_side_whole(
     site = adapter.history_site(None)
     flat = corrupted.flatten(0, 1)
     store: dict[str, Tensor] = {}
-    output = adapter.model.run_with_hooks(flat, fwd_hooks=[(site, _store(store, "site"))])
+    output = adapter.model.run_with_hooks(flat, fwd_hooks=[(site, store_hook(store, "site"))])
     meter.add("parents: corrupted runs", flat.shape[0], adapter.n_layers)
     patterns: dict[int, Tensor] = {}
 
@@ -229,7 +222,7 @@ def _query_side_whole(
         activation[:, row] = store["site"][:, row].to(activation.dtype)
         return activation
 
-    capture = [(adapter.pattern_hook(1), _store(patterns, 1, lambda x: x[:, : adapter.n_heads(1), row]))]
+    capture = [(adapter.pattern_hook(1), store_hook(patterns, 1, lambda x: x[:, : adapter.n_heads(1), row]))]
     patched = adapter.model.run_with_hooks(tokens.repeat(n_variants, 1), fwd_hooks=[(site, replace), *capture])
     meter.add("parents: query-side runs", flat.shape[0], adapter.n_layers)
 

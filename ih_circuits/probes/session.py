@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from ih_circuits.adapters import TransformerLensAdapter, adapt
 from ih_circuits.checks import check_int
 from ih_circuits.predictors import kl_divergence
-from ih_circuits.probes.behavioural import BehaviouralReport, RepresentationalReport, fit_linear_probes, query_nlls
+from ih_circuits.probes.behavioural import (
+    BehaviouralReport,
+    RepresentationalReport,
+    fit_linear_probes,
+    mean_stderr,
+    query_nlls,
+)
 from ih_circuits.probes.causal import Head, attribute, key_side, pattern_shift, query_side_patching
 from ih_circuits.probes.config import ProbeConfig
 from ih_circuits.probes.data import Data, probe_data, resample_positions
@@ -50,7 +56,9 @@ from ih_circuits.seeds import derive_seed
 
 
 def _mean_stderr(values: Tensor) -> tuple[list[float], list[float]]:
-    return values.mean(1).tolist(), (values.std(1) / math.sqrt(values.shape[1])).tolist()
+    """Per lag (rows of ``values``), the mean over sequences and its standard error, as lists."""
+    mean, stderr = mean_stderr(values)
+    return mean.tolist(), stderr.tolist()
 
 
 class ProbeSession:
@@ -74,11 +82,14 @@ class ProbeSession:
         self.max_offset = self._check_max(
             "max_offset", self.config.max_offset, self.data.seq_len - 1, self.data.seq_len - 1
         )
-        if self.config.query_layer is not None:
+        if self.adapter.parts is not None:
+            self.adapter.history_site(self.config.query_layer)  # IHTransformer: None or 1 (the classifier)
+        elif self.config.query_layer is not None:
             self.adapter.check_layer(self.config.query_layer, "query_layer")
         self.tokens = self.data.tokens_for(self.config.n_sequences, self.config.seed, "session", self.adapter.device)
         self.meter = Meter(self.adapter.n_layers, self.tokens.shape[0])
         self.clean = clean_run(self.adapter, self.tokens, self.meter)
+        self._roles: dict[tuple[int, ...], pd.DataFrame] = {}
         self._heads: dict[tuple[int, ...], pd.DataFrame] = {}
         self._patching: dict[tuple[int, ...], pd.DataFrame] = {}
 
@@ -225,6 +236,10 @@ class ProbeSession:
 
     def parents(self) -> ParentReport:
         """Which lags the prediction conditions on, with the evidence, the truth and the theory."""
+        return self._parent_report
+
+    @cached_property
+    def _parent_report(self) -> ParentReport:
         parts = self.adapter.parts
         selector = selector_probe(parts) if parts is not None else None
         predicted, note = theory_prediction(self.adapter, self.data, self.config.seed)
@@ -250,8 +265,11 @@ class ProbeSession:
         return self.data.check_lags(lags, "lags", self.max_lag)
 
     def _attention_roles(self, lags: tuple[int, ...]) -> pd.DataFrame:
+        """Roles from attention alone (``roles.py``), on ``lags``; computed once per lag set."""
+        if lags in self._roles:
+            return self._roles[lags]
         adapter = self.adapter
-        frame = offset_table(self.clean.patterns, self.max_offset)
+        frame = offset_table(self.clean.patterns, self.max_offset, self.config.shared_lift)
         rows = induction_rows(self.tokens.shape[1], lags).to(self.tokens.device)
         match = history_matches(self.tokens, lags, rows, adapter.value_offset)
         scores, baselines = [], []
@@ -262,7 +280,8 @@ class ProbeSession:
         frame["induction_score"] = scores
         frame["induction_baseline"] = baselines
         frame["induction_lift"] = [(s - b) / (1 - b) if b < 1 else 0.0 for s, b in zip(scores, baselines, strict=True)]
-        return assign_roles(frame, self.config)
+        self._roles[lags] = assign_roles(frame, self.config)
+        return self._roles[lags]
 
     def heads(self, lags: tuple[int, ...] | None = None) -> pd.DataFrame:
         """One row per (layer, head): dominant offset over the whole context, copier score and lift, induction
@@ -272,7 +291,7 @@ class ProbeSession:
         lags = self._lags(lags)
         if lags in self._heads:
             return self._heads[lags]
-        frame = self._attention_roles(lags)
+        frame = self._attention_roles(lags).copy()
         patching = self.path_patching(lags)
         causal, carries = _credit(patching, self.config)
         if causal:
@@ -329,21 +348,17 @@ class ProbeSession:
         return result
 
     def _groups(self, frame: pd.DataFrame, offsets: list[int], attribution: dict[Head, float]) -> list[list[Head]]:
-        """Heads to patch: attention candidates at ``offsets`` (alone, and together when several share the
-        offset), the ``top_k`` by |attribution|, or every head (``exhaustive``)."""
+        """Heads to patch: attention candidates at ``offsets`` (every head that lists the offset among its
+        ``offsets``, alone and together when several do), the ``top_k`` by |attribution|, or every head
+        (``exhaustive``)."""
         heads = [(int(r.layer), int(r.head)) for r in frame.itertuples()]
         if self.config.exhaustive:
             chosen = heads
         else:
-            ranked = sorted(heads, key=lambda h: -abs(attribution.get(h, 0.0)))[: self.config.top_k]
-            chosen = list(ranked)
+            chosen = sorted(heads, key=lambda h: -abs(attribution.get(h, 0.0)))[: self.config.top_k]
         groups: list[list[Head]] = [[h] for h in chosen]
         for offset in offsets:
-            mates = [
-                (int(r.layer), int(r.head))
-                for r in frame.itertuples()
-                if r.offset == offset and r.copier_lift >= self.config.shared_lift
-            ]
+            mates = [(int(r.layer), int(r.head)) for r in frame.itertuples() if offset in r.offsets]
             groups += [[h] for h in mates if [h] not in groups]
             if len(mates) > 1:
                 groups.append(mates)
