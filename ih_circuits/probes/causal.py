@@ -67,12 +67,12 @@ def attribute(
 
     hooks = [(f"blocks.{layer}.attn.hook_z", keep(layer)) for layer in range(adapter.n_layers)]
     with torch.enable_grad():
-        output = adapter.model.run_with_hooks(tokens, fwd_hooks=[*hooks, query_row_hook(adapter, row)])[:, 0]
+        with meter.counting("heads: attribution forward"):
+            output = adapter.model.run_with_hooks(tokens, fwd_hooks=[*hooks, query_row_hook(adapter, row)])[:, 0]
         metric = torch.log_softmax(output.float(), -1).gather(1, tokens[:, -1:]).mean()
         layers = sorted(z)
         grads = dict(zip(layers, torch.autograd.grad(metric, [z[lyr] for lyr in layers]), strict=True))
-    meter.add("heads: attribution forward", tokens.shape[0], adapter.n_layers)
-    meter.add("heads: attribution backward", tokens.shape[0], adapter.n_layers, backward=True)
+    meter.add_backward("heads: attribution backward", meter.parts["heads: attribution forward"])
     key: dict[Head, float] = {}
     query: dict[int, dict[Head, float]] = {lag: {} for lag in corrupted_z}
     for layer in layers:

@@ -40,14 +40,14 @@ def head_patching_table(
     heads = [(layer, head) for layer in range(adapter.n_layers) for head in range(adapter.n_heads(layer))]
     rows = clean.shape[0]
     with torch.no_grad():
-        clean_out, clean_cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
-        clean_metric = _target_log_prob(clean_out, clean)
-        corrupted_metric = _target_log_prob(model(corrupted), clean)
-        meter.add("head patching: clean and corrupted runs", 2 * rows, adapter.n_layers)
+        with meter.counting("head patching: clean and corrupted runs"):
+            clean_out, clean_cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
+            clean_metric = _target_log_prob(clean_out, clean)
+            corrupted_metric = _target_log_prob(model(corrupted), clean)
         chunk = max(1, MAX_ROWS // rows)
         groups = [heads[start : start + chunk] for start in range(0, len(heads), chunk)]
-        patched = torch.cat([_patch_heads(adapter, clean_cache, corrupted, clean, group) for group in groups])
-        meter.add("head patching: patched runs", len(heads) * rows, adapter.n_layers)
+        with meter.counting("head patching: patched runs"):
+            patched = torch.cat([_patch_heads(adapter, clean_cache, corrupted, clean, group) for group in groups])
     effect = patched - corrupted_metric  # [head, batch]
     gap = float((clean_metric - corrupted_metric).mean())
     frame = pd.DataFrame(heads, columns=["layer", "head"])

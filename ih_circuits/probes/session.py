@@ -87,7 +87,7 @@ class ProbeSession:
         elif self.config.query_layer is not None:
             self.adapter.check_layer(self.config.query_layer, "query_layer")
         self.tokens = self.data.tokens_for(self.config.n_sequences, self.config.seed, "session", self.adapter.device)
-        self.meter = Meter(self.adapter.n_layers, self.tokens.shape[0])
+        self.meter = Meter(model, self.tokens.shape[0])
         self.clean = clean_run(self.adapter, self.tokens, self.meter)
         self._roles: dict[tuple[int, ...], pd.DataFrame] = {}
         self._heads: dict[tuple[int, ...], pd.DataFrame] = {}
@@ -212,8 +212,8 @@ class ProbeSession:
         if self.adapter.parts is None:
             features = self.clean.resid[layer]
         else:
-            features = self.adapter.activation(tokens, site)
-            self.meter.add("parents: history read-out", tokens.shape[0], 1)
+            with self.meter.counting("parents: history read-out"):
+                features = self.adapter.activation(tokens, site)
         features = features.float().flatten(2)[:, max_lag - 1 : -1]
         half = tokens.shape[0] // 2
         lags = list(range(1, max_lag + 1))

@@ -105,3 +105,47 @@ def test_scan_heads_the_decomposition_and_the_views_agree_on_every_role(lags):
     # Two heads share the offset-1 job (each writes half); the silent distractor carries nothing.
     assert any(job.startswith("L1H0 + L1H2: offset 1") for job in frame.attrs["jobs"]), frame.attrs["jobs"]
     assert roles["L1H3"] == "other" and "carries nothing" in frame.set_index(["layer", "head"]).loc[(1, 3), "evidence"]
+
+
+def test_the_session_meter_counts_the_blocks_that_ran():
+    """The session's cost is what the model ran, checked against an independent count (each block's ``hook_out``
+    HookPoint): the 4-layer circuit reads its history at layer 3's input, so each corrupted run stops after 3 of 4
+    blocks; the TransformerLens 4.x bridge runs every block of a restart (and discards those below layer 3)."""
+    wiring = ZOO["depth 4, copiers in layer 1, induction in layer 3"]
+    data = data_for((1, 2))
+    model = induction_circuit((1, 2), d_vocab=data.vocab_size, n_ctx=data.seq_len, **wiring)
+    rows = []
+    for block in model.blocks:
+        block.hook_out.add_hook(lambda activation, hook: rows.append(activation.shape[0]))
+    try:
+        session = ProbeSession(model, data, n_sequences=32)
+        session.parents()
+        session.decomposition()
+    finally:
+        model.reset_hooks()
+    counted = sum(rows) / (32 * model.cfg.n_layers)
+    parts = session.meter.parts
+    assert parts["clean run"] == pytest.approx(1.0)
+    n_lags = len(session.behaviour.lags)  # 4: the window (2) + 2
+    assert parts["parents: corrupted runs to the query layer"] == pytest.approx(n_lags * 3 / 4)
+    assert session.forwards == pytest.approx(counted + parts["heads: attribution backward"])
+    assert session.cost.startswith(f"{session.forwards:.2f} forwards of the batch (clean run 1.00")
+
+
+def test_ih_transformer_sessions_count_whole_runs():
+    """``IHTransformer`` runs through fused routes, not block modules: the meter counts its whole runs."""
+    from ih_circuits import IHConfig, IHTransformer
+
+    model = IHTransformer(IHConfig(d_vocab=3, n_ctx=21, n_heads=3, window=3, max_degree=2))
+    session = ProbeSession(model, NGramTask(3, (1, 2), 21), n_sequences=16)
+    session.parents()
+    # The clean run, then per lag (4: the window 2, + 2) a corrupted and a query-side run of the batch, and one run
+    # that reads the copier output for the linear read-out.
+    assert session.meter.parts == pytest.approx(
+        {
+            "clean run": 1.0,
+            "parents: corrupted runs": 4.0,
+            "parents: query-side runs": 4.0,
+            "parents: history read-out": 1.0,
+        }
+    )
