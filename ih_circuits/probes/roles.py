@@ -15,9 +15,11 @@ From attention, relative to chance (uniform attention over the t + 1 visible key
 Roles (``assign_roles``): ``induction`` when the induction lift is >= ``role_lift``; else ``copier`` when the
 dominant offset is >= 1 and the copier lift is >= ``role_lift``, or when the head's lift is >= ``shared_lift``
 and the heads with the same dominant offset and such a lift together reach ``role_lift`` (heads that share the
-job, listed in ``shared_with``); else ``other``. Causes overrule attention: a copier candidate that exact
-patching tested, alone and with the heads sharing its job, and that carries less than ``causal_share`` of its
-lag's effect is ``other`` (it attends to an offset but what it writes is not used).
+job, listed in ``shared_with``); else ``other``. Induction heads sit in layers >= 1 (layer 0 has not gathered
+any history to match). Causes overrule attention: a copier candidate that exact patching tested, alone and with
+the heads sharing its job, and that carries less than ``causal_share`` of its lag's effect is ``other`` (it attends
+to an offset but what it writes is not used); a head too diffuse to be a candidate whose patch at its dominant
+offset carries at least ``causal_share`` is a ``copier`` by patching.
 """
 
 from __future__ import annotations
@@ -79,29 +81,41 @@ def head_name(layer: int, head: int) -> str:
 
 
 def assign_roles(
-    frame: pd.DataFrame, config: ProbeConfig, causal: dict[tuple[int, int], float] | None = None
+    frame: pd.DataFrame, config: ProbeConfig, causal: dict[tuple[int, int], tuple[float, tuple[int, ...]]] | None = None
 ) -> pd.DataFrame:
-    """Add ``role``, ``shared_with`` and ``evidence`` to a table with ``offset``, ``copier_lift`` and
-    ``induction_lift`` columns (module docstring). ``causal`` maps a tested copier candidate to the largest share
-    of its lag's effect that patching it (alone or with the heads sharing its job) moved."""
+    """Add ``role``, ``shared_with`` and ``evidence`` to a table with ``offset``, ``offsets``, ``copier_lift`` and
+    ``induction_lift`` columns (module docstring). ``causal`` maps a patched head to the largest share of its lag's
+    effect that patching it (alone or with the heads sharing its job) moved, and the offsets that patch tested
+    (key side: every lag of the parents; query side for lag s: s - 1). A copier candidate by attention is kept
+    only if its share is >= ``causal_share``; a head whose attention is too diffuse for a candidate becomes a
+    copier by patching when its dominant offset is one the patch tested and its share clears the bar (its
+    ``offsets`` then lists that offset)."""
     frame = frame.copy()
-    induction = frame["induction_lift"].fillna(-1.0) >= config.role_lift
+    induction = (frame["induction_lift"].fillna(-1.0) >= config.role_lift) & (frame["layer"] >= 1)
     candidate = ~induction & (frame["offset"] >= 1) & (frame["copier_lift"] >= config.shared_lift)
     group_lift = frame[candidate].groupby("offset")["copier_lift"].sum()
-    roles, evidence = [], []
+    causal = causal or {}
+    roles, evidence, served = [], [], []
     for i, row in enumerate(frame.itertuples()):
         key = (int(row.layer), int(row.head))
+        share, tested = causal.get(key, (None, ()))
+        offsets = row.offsets
         if induction.iloc[i]:
             role, why = "induction", "attention"
         elif candidate.iloc[i] and (row.copier_lift >= config.role_lift or group_lift[row.offset] >= config.role_lift):
             role, why = "copier", "attention"
-            if causal is not None and key in causal:
-                carried = causal[key] >= config.causal_share
+            if share is not None:
+                carried = share >= config.causal_share
                 role, why = ("copier", "attention and patching") if carried else ("other", "patching: carries nothing")
+        elif share is not None and share >= config.causal_share and row.offset >= 1 and row.offset in tested:
+            role, why = "copier", "patching"
+            offsets = {**offsets, int(row.offset): round(float(row.copier_score), 4)}
         else:
             role, why = "other", "attention"
         roles.append(role)
         evidence.append(why)
+        served.append(offsets)
+    frame["offsets"] = served
     copiers = [
         (int(r.layer), int(r.head), int(r.offset))
         for r, role in zip(frame.itertuples(), roles, strict=True)

@@ -312,7 +312,7 @@ class ProbeSession:
             return self._patching[lags]
         frame = self._attention_roles(lags)
         induction = [(int(r.layer), int(r.head)) for r in frame.itertuples() if r.role == "induction"]
-        columns = ["heads", "side", "kl", "kl_stderr", "matching_attention", "share", "attribution"]
+        columns = ["heads", "side", "kl", "kl_stderr", "matching_attention", "share", "attribution", "offsets"]
         if self.adapter.parts is not None or not self.behaviour.used_lags or not induction:
             result = pd.DataFrame(columns=columns)
             self._patching[lags] = result
@@ -333,6 +333,7 @@ class ProbeSession:
         if key_groups:
             table = key_side(self.adapter, self.tokens, self.clean, key_groups, induction, match, self.meter)
             table["attribution"] = [sum(attribution.key[h] for h in g) for g in key_groups]
+            table["offsets"] = [lags] * len(table)
             tables.append(table)
         effects = dict(zip(self.behaviour.lags, self.behaviour.query_effect, strict=True))
         for s, by_layer in corrupted_z.items():
@@ -342,6 +343,7 @@ class ProbeSession:
                     self.adapter, self.tokens, self.clean, s, by_layer, effects[s], groups, self.meter
                 )
                 table["attribution"] = [sum(attribution.query[s][h] for h in g) for g in groups]
+                table["offsets"] = [(s - 1,)] * len(table)
                 tables.append(table)
         result = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
         self._patching[lags] = result
@@ -427,22 +429,24 @@ def _parse(name: str) -> Head:
     return int(layer), int(head)
 
 
-def _credit(patching: pd.DataFrame, config: ProbeConfig) -> tuple[dict[Head, float], dict[Head, str]]:
-    """Each patched head's share: the largest of its own patches, and of the joint patches of heads sharing its
-    job when its own patch moved the prediction significantly (KL above ``n_stderr`` standard errors): a head
-    that writes nothing is not credited with its partners' effect."""
+def _credit(
+    patching: pd.DataFrame, config: ProbeConfig
+) -> tuple[dict[Head, tuple[float, tuple[int, ...]]], dict[Head, str]]:
+    """Each patched head's share and the offsets its patch tested: the largest of its own patches, and of the
+    joint patches of heads sharing its job when its own patch moved the prediction significantly (KL above
+    ``n_stderr`` standard errors): a head that writes nothing is not credited with its partners' effect."""
     significant = {
         _parse(r.heads) for r in patching.itertuples() if " + " not in r.heads and r.kl > config.n_stderr * r.kl_stderr
     }
-    causal: dict[Head, float] = {}
+    causal: dict[Head, tuple[float, tuple[int, ...]]] = {}
     carries: dict[Head, str] = {}
     for record in patching.itertuples():
         members = [_parse(name) for name in record.heads.split(" + ")]
         for key in members:
             if len(members) > 1 and key not in significant:
                 continue
-            if record.share > causal.get(key, -math.inf):
-                causal[key] = record.share
+            if record.share > causal.get(key, (-math.inf,))[0]:
+                causal[key] = (record.share, tuple(record.offsets))
                 carries[key] = f"{record.side}: share {record.share:.2f} ({record.heads})"
     return causal, carries
 
