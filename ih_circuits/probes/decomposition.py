@@ -113,10 +113,12 @@ class DecompositionReport:
         return pd.DataFrame(lines, columns=["check", "result", "evidence"])
 
     def __repr__(self) -> str:
-        lines = [f"DecompositionReport(verdict={self.verdict!r}, lags={self.lags}, method={self.method})"]
+        lines = [
+            f"DecompositionReport(verdict={self.verdict!r}, lags={self.lags}, method={self.method}; {self.config}; "
+            f"cost {self.cost})"
+        ]
         lines.append("  losses: " + ", ".join(f"{k} {v:.4f}" for k, v in self.losses.items()))
         lines.extend(f"  {c.check:<14} {c.result}: {c.evidence}" for c in self.checks().itertuples())
-        lines.append(f"  {self.config}; cost {self.cost}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -432,8 +434,8 @@ def _missing_copiers(frame: pd.DataFrame, missing: list[int], last: int, clean: 
             continue
         record = frame[(frame["layer"] == best[0]) & (frame["head"] == best[1])].iloc[0]
         parts.append(
-            f"offset {offset}: best {head_name(*best)} with {best_mass:.3f} of its attention there "
-            f"(its role: {record.role}, dominant offset {record.offset}; {record.get('carries', 'not patched')})"
+            f"offset {offset} (best {head_name(*best)}: {best_mass:.3f} of its attention there; its role "
+            f"{record.role}, dominant offset {record.offset}; {record.get('carries', 'not patched')})"
         )
     return f"no copier head before layer {last} for offset(s) {missing}: " + "; ".join(parts)
 

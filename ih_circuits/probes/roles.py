@@ -7,8 +7,9 @@ From attention, relative to chance (uniform attention over the t + 1 visible key
   attends to position 0 from every row spreads over all offsets instead of scoring 1 at the last offset, which
   only the last row has); its *copier score* is the mean attention on it over the rows where it exists, and its
   *copier lift* (score - chance) / (1 - chance), with chance the mean of 1 / (t + 1) over those rows. A head
-  that copies several lags at once is listed under every offset whose own lift is >= ``shared_lift``
-  (``offsets``): the decomposition looks for the copiers of each offset it needs there.
+  that copies several lags at once is listed under every offset that takes a share of its attention (over all
+  rows) lifted >= ``shared_lift`` above chance (``offsets``): the decomposition looks for the copiers of each
+  offset it needs there.
 - **induction lift** for a lag set L: the mass on keys whose history over L matches the token the row predicts,
   lifted over the fraction of visible keys that match (``heads.induction_scores``).
 
@@ -52,16 +53,23 @@ def offset_table(
     patterns: dict[int, Float[Tensor, "batch head query_pos key_pos"]], max_offset: int, min_lift: float
 ) -> pd.DataFrame:
     """One row per (layer, head): dominant offset in 0..max_offset, copier score and lift (module docstring), and
-    ``offsets``: every offset o >= 1 whose own lift is >= ``min_lift``, mapped to the head's mean attention there
-    (a head may copy several lags at once, e.g. half its attention on offset 1 and a third on offset 2)."""
+    ``offsets``: every offset o >= 1 that takes a share of the head's attention over all rows lifted >= ``min_lift``
+    above uniform attention's share, mapped to the head's mean attention there (a head may copy several lags at
+    once, e.g. half its attention on offset 1 and a third on offset 2)."""
     records = []
     for layer, pattern in patterns.items():
         summed, mean, chance = offset_profile(pattern)
         summed, mean, chance = summed[:, : max_offset + 1].cpu(), mean[:, : max_offset + 1].cpu(), chance.cpu()
+        n_pos = pattern.shape[-1]
         lifts = (mean - chance[: max_offset + 1]) / (1 - chance[: max_offset + 1]).clamp_min(1e-12)
+        # Shares of all the head's attention (every row), so that an offset only the last rows have (where a
+        # head attending to position 0 lands) cannot qualify on a handful of rows.
+        rows = n_pos - torch.arange(max_offset + 1)
+        share_chance = chance[: max_offset + 1] * rows / n_pos
+        share_lifts = (summed / n_pos - share_chance) / (1 - share_chance).clamp_min(1e-12)
         for head in range(pattern.shape[1]):
             offset = int(summed[head].argmax())
-            served = (lifts[head, 1:] >= min_lift).nonzero()[:, 0] + 1
+            served = (share_lifts[head, 1:] >= min_lift).nonzero()[:, 0] + 1
             records.append(
                 {
                     "layer": layer,
