@@ -41,7 +41,7 @@ from ih_circuits.probes.config import ProbeConfig
 from ih_circuits.probes.data import ProbeData
 from ih_circuits.probes.heads import CopierReport
 from ih_circuits.probes.parents import ParentReport
-from ih_circuits.probes.replacement import all_matches, copier_pattern, fitted_scale, gih_pattern, pattern_hooks
+from ih_circuits.probes.replacement import all_matches, copier_pattern, fitted_scale, gih_pattern, replacement_hooks
 from ih_circuits.probes.roles import head_name
 from ih_circuits.probes.runs import CleanRun, Meter, run_from
 
@@ -401,7 +401,7 @@ def _replace_heads(
                 clean.resid[start],
                 start,
                 tokens,
-                pattern_hooks(patterns),
+                replacement_hooks(patterns),
                 meter,
                 "decomposition: replacements",
             )

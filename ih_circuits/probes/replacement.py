@@ -1,6 +1,6 @@
 """The decomposition by replacement for any TransformerLens model: swap the heads' attention for the ideal parts.
 
-Through ``hook_pattern`` (every row of the heads named):
+Through each head's output, as if its pattern were replaced (``replacement_hooks``; every row of the heads named):
 
 - **copier**: each copier head's pattern becomes the exact copier of the needed offsets it serves, row t
   attending to keys t - o only, in the proportions of its own attention there (one-hot for a head with one
@@ -78,21 +78,34 @@ def fitted_scale(
     return float(a.median().clamp(0.0, A_MAX))
 
 
-def pattern_hooks(replacements: dict[Head, Tensor]) -> list[tuple[str, object]]:
-    """Hooks writing ``replacements[(layer, head)]`` (``[query, key]`` or ``[batch, query, key]``; NaN rows keep
-    the model's) into ``blocks.{layer}.attn.hook_pattern``."""
+def replacement_hooks(replacements: dict[Head, Tensor]) -> list[tuple[str, object]]:
+    """Hooks giving head (l, h) the attention ``replacements[(l, h)]`` (``[query, key]`` or ``[batch, query, key]``;
+    NaN rows keep the model's).
+
+    The head's output is rewritten, not its pattern: ``blocks.{l}.attn.hook_v`` keeps the values of this run and
+    ``hook_z`` becomes z[b, t, h] = sum_j A[b, t, j] v[b, j, h] on the replaced rows, which is what attention
+    computes from a pattern A. Written this way because some TransformerLens versions fire ``hook_pattern`` after
+    the wrapped module has used the pattern (TL 3.x's ``TransformerBridge`` discards an edit there without a word).
+    Grouped-query values (fewer value heads than heads) are shared as the model shares them."""
     by_layer: dict[int, dict[int, Tensor]] = {}
     for (layer, head), pattern in replacements.items():
         by_layer.setdefault(layer, {})[head] = pattern
+    hooks: list[tuple[str, object]] = []
+    for layer, heads in sorted(by_layer.items()):
+        values: dict[str, Tensor] = {}
 
-    def hook_for(heads: dict[int, Tensor]):
-        def replace(pattern: Tensor, hook: object) -> Tensor:
-            pattern = pattern.clone()
+        def keep(v: Tensor, hook: object, values: dict[str, Tensor] = values) -> None:
+            values["v"] = v
+
+        def rewrite(z: Tensor, hook: object, heads: dict[int, Tensor] = heads, values: dict[str, Tensor] = values):
+            v = values.pop("v")
+            group = z.shape[2] // v.shape[2]
+            z = z.clone()
             for head, ideal in heads.items():
-                ideal = ideal.to(pattern.dtype).expand_as(pattern[:, head])
-                pattern[:, head] = torch.where(ideal.isnan(), pattern[:, head], ideal)
-            return pattern
+                ideal = ideal.to(z.dtype).expand(z.shape[0], z.shape[1], v.shape[1])
+                written = torch.einsum("bqk,bkd->bqd", ideal.nan_to_num(), v[:, :, head // group])
+                z[:, :, head] = torch.where(ideal[..., :1].isnan(), z[:, :, head], written)
+            return z
 
-        return replace
-
-    return [(f"blocks.{layer}.attn.hook_pattern", hook_for(heads)) for layer, heads in sorted(by_layer.items())]
+        hooks += [(f"blocks.{layer}.attn.hook_v", keep), (f"blocks.{layer}.attn.hook_z", rewrite)]
+    return hooks
