@@ -120,7 +120,8 @@ def _report(args: argparse.Namespace) -> None:
     print(f"wrote {report(args.checkpoint, output, seed=args.seed)}")
 
 
-def _sweep(args: argparse.Namespace) -> None:
+def _sweep(args: argparse.Namespace) -> int:
+    """Exit status 0 when every run finished, 1 when some failed, 2 when all did."""
     from ih_circuits.sweep import agreement_rate, run_sweep
 
     results = run_sweep(
@@ -133,12 +134,17 @@ def _sweep(args: argparse.Namespace) -> None:
         quiet=args.quiet,
     )
     failed = int((results["status"] != "ok").sum())
+    summary = f"{len(results)} runs in {args.out}/results.csv: {len(results) - failed} finished, {failed} failed"
+    if failed < len(results):
+        summary += f"; selected = predicted in {agreement_rate(results):.0%} of the finished runs"
+    print(summary)
+    if not failed:
+        return 0
     print(
-        f"{len(results)} runs in {args.out}/results.csv: {len(results) - failed} finished, {failed} failed; "
-        f"selected = predicted in {agreement_rate(results):.0%} of the finished runs"
+        f"failed runs are run again by the same command; see the error column of {args.out}/results.csv",
+        file=sys.stderr,
     )
-    if failed:
-        print(f"failed runs are run again by the same command; see the error column of {args.out}/results.csv")
+    return 2 if failed == len(results) else 1
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -229,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; return the exit status (0 done, 1 interrupted, 2 failed with one line on stderr)."""
+    """Run one command; return the exit status (0 done, 1 interrupted, 2 failed with one line on stderr; a sweep:
+    1 when some of its runs failed, 2 when all did)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -66,7 +66,8 @@ READER_GUIDE = """<h2>How to read this report</h2>
 prediction (the lag set with the largest I~ that the selector can pick), the lags the model's prediction depends on
 (found by resampling the token at each lag) and the decomposition verdict: "holds" when copier, selector and
 classifier each behave as the ideal generalized induction head, "GIH circuit with smoothing" when the parts are
-right but the output is smoothed, "not a GIH circuit" otherwise. Each failed check gives its number and threshold.</li>
+right but the output is smoothed, "not a GIH circuit" otherwise, and "inconclusive" when the probe's sample could not
+decide the lags (it says how many sequences would). Each failed check gives its number and threshold.</li>
 <li><b>Attention.</b> Heads and layers count from 0. Layer 0 holds the copiers: each head should attend at one
 offset (a head reading lag s attends s - 1 positions back). Layer 1 holds the classifier: each row should attend to
 the earlier keys whose parent history matches that of the token the row predicts. For the last row (which predicts

@@ -20,6 +20,12 @@ fixed map: an untrained model's prediction moves with the current token through 
 embedding read by the unembedding), but that map is unrelated to the next token, so corrupting the token
 does not raise the loss on average. A model with no used lag reports ``()``; the report also gives the
 model's and the in-context unigram's query losses for comparison.
+
+**Inconclusive is an answer.** A lag that is not used must be shown not to be: its effect's upper bound (mean +
+3 stderr) stays under the bars, or its corruption conclusively does not hurt (the loss increase's upper bound is
+below half the effect; a model that conditions on the lag loses about the effect itself). A lag that is neither
+used nor excluded is *undecided*, and the report says how many sequences would decide it: the n at which the
+observed means and spreads reach the bar they missed (stderr scales as 1 / sqrt(n)).
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class BehaviouralReport:
         loss_stderr: standard error of their paired difference.
         n_stderr: the significance bar, in standard errors.
         site_reason: why the history was read at ``history_site``.
+        undecided: lags neither used nor excluded at this sample size (module docstring).
+        needed_sequences: sequences that would decide every undecided lag at the observed means and spreads.
+        n_sequences: sequences the report used.
     """
 
     lags: list[int]
@@ -81,6 +90,9 @@ class BehaviouralReport:
     loss_stderr: float
     n_stderr: float = 3.0
     site_reason: str = ""
+    undecided: tuple[int, ...] = ()
+    needed_sequences: int | None = None
+    n_sequences: int = 0
 
     @property
     def beats_unigram(self) -> bool:
@@ -92,10 +104,27 @@ class BehaviouralReport:
         """Whether some lag passes every bar (the model conditions on its context)."""
         return bool(self.used_lags)
 
+    @property
+    def conclusive(self) -> bool:
+        """Every lag tested is either used or excluded (none undecided)."""
+        return not self.undecided
+
+    def inconclusive_reason(self) -> str | None:
+        """What could not be decided and the sample that would decide it (None when conclusive)."""
+        if not self.undecided:
+            return None
+        return (
+            f"inconclusive: lags {self.undecided} are neither used nor excluded with {self.n_sequences} sequences "
+            f"(an effect or loss increase within {self.n_stderr:g} standard errors of its bar); about "
+            f"{self.needed_sequences} sequences would decide them"
+        )
+
     def no_context_reason(self) -> str | None:
         """Why no lag is reported (None when some lag is used)."""
         if self.used_lags:
             return None
+        if self.undecided:
+            return self.inconclusive_reason()
         best = max(range(len(self.lags)), key=lambda i: self.query_effect[i])
         lag, effect, hurt = self.lags[best], self.query_effect[best], self.loss_increase[best]
         if effect > self.floor and hurt <= self.n_stderr * self.loss_increase_stderr[best]:
@@ -123,6 +152,50 @@ class BehaviouralReport:
     def __repr__(self) -> str:
         effects = ", ".join(f"{s}: {e:.3f}" for s, e in zip(self.lags, self.query_effect, strict=True))
         return f"BehaviouralReport(used_lags={self.used_lags}; query-side KL per lag (nats) {effects})"
+
+
+def decide_lags(
+    lags: list[int],
+    effect: list[float],
+    effect_stderr: list[float],
+    hurt: list[float],
+    hurt_stderr: list[float],
+    *,
+    floor: float,
+    threshold: float,
+    n_stderr: float,
+    n_sequences: int,
+) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
+    """(used, undecided, sequences needed) under the module docstring's bars.
+
+    With bar = max(floor, threshold x the largest effect) and b = ``n_stderr``, a lag with effect m +- e and loss
+    increase h +- f is used when m > bar, m > b e and h > b f; excluded when m + b e <= bar (it cannot reach the
+    bars) or, its effect being significant, h + b f < m / 2 (its corruption does not hurt as conditioning would);
+    otherwise undecided. The n that decides it: stderr e at n sequences is e sqrt(n / n') at n', so a mean m
+    clears b e' when n' = n (b e / m)^2; for several ways to decide, the first one reached.
+    """
+    largest = max(effect)
+    bar = max(floor, threshold * largest)
+    used, undecided, needed = [], [], []
+    for lag, m, e, h, f in zip(lags, effect, effect_stderr, hurt, hurt_stderr, strict=True):
+        significant = m > bar and m > n_stderr * e
+        if significant and h > n_stderr * f:
+            used.append(lag)
+            continue
+        if m + n_stderr * e <= bar or (significant and h + n_stderr * f < m / 2):
+            continue
+        undecided.append(lag)
+
+        def at(margin: float, spread: float) -> float:
+            return n_sequences * (n_stderr * spread / margin) ** 2 if margin > 0 else math.inf
+
+        if not significant:
+            ways = [at(m, e) if m > bar else at(bar - m, e)]
+        else:
+            ways = [at(h, f), at(m / 2 - h, f)]
+        needed.append(min(ways))
+    finite = [n for n in needed if math.isfinite(n)]
+    return tuple(used), tuple(undecided), (math.ceil(max(finite)) if finite else None) if undecided else None
 
 
 def mean_stderr(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,9 @@ One entry point, ``decomposition_test(model, data)`` (or ``ProbeSession.decompos
 - ``"GIH circuit with smoothing"``: the structure is there (right parents, copier heads, an induction head)
   but a replacement, or the plain GIH predictor, moves the prediction by more than the bars; the report says
   which check failed, by how much, and which heads it replaced;
-- ``"not a GIH circuit"``: the parents are wrong or absent, or a copier or the induction head is missing.
+- ``"not a GIH circuit"``: the parents are wrong or absent, or a copier or the induction head is missing;
+- ``"inconclusive"``: the lags were left to ``find_parents``, its sample could not decide them (the reason says
+  how many sequences would), and no check that does not hang on them failed; nothing is said about the model.
 
 Both kinds of model are tested by replacement (``method="replacement"``), one part at a time and together:
 
@@ -46,6 +48,7 @@ from ih_circuits.probes.roles import head_name
 from ih_circuits.probes.runs import CleanRun, Meter, run_from
 
 HOLDS, SMOOTHING, NOT_GIH = "holds", "GIH circuit with smoothing", "not a GIH circuit"
+INCONCLUSIVE = "inconclusive"
 
 
 @dataclass
@@ -53,7 +56,7 @@ class DecompositionReport:
     """Result of ``decomposition_test``.
 
     Attributes:
-        verdict: ``"holds"``, ``"GIH circuit with smoothing"`` or ``"not a GIH circuit"``.
+        verdict: ``"holds"``, ``"GIH circuit with smoothing"``, ``"not a GIH circuit"`` or ``"inconclusive"``.
         lags: the parents the test used (found by ``find_parents`` unless given).
         true_parents: the data's parents, or None when unknown.
         rows: one per check: replacements (``IHTransformer``) or structure and GIH fit (other models), with
@@ -91,6 +94,8 @@ class DecompositionReport:
         """The verdict in words."""
         if self.holds:
             return f"holds: every check passed on lags {self.lags}"
+        if self.verdict == INCONCLUSIVE:
+            return self.failing[0][1]
         return f"{self.verdict}: " + "; ".join(f"{check} failed: {why}" for check, why in self.failing)
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -109,7 +114,8 @@ class DecompositionReport:
         measured = {row["check"] for row in self.rows}
         for check, why in self.failing:
             if (check, why) not in explained:
-                lines.append((f"{check} (structure)" if check in measured else check, "failed", why))
+                result = "undecided" if why.startswith("inconclusive:") else "failed"
+                lines.append((f"{check} (structure)" if check in measured else check, result, why))
         return pd.DataFrame(lines, columns=["check", "result", "evidence"])
 
     def __repr__(self) -> str:
@@ -215,11 +221,12 @@ def decompose(
 ) -> DecompositionReport:
     """The decomposition test on a probe session's batch (``ProbeSession.decomposition``): ``lags`` default to
     the found parents, ``heads(lags)`` gives the heads' roles, ``clean`` the clean run's cache."""
-    if lags is None:
-        lags = parents.lags
     losses = {
         name: float(nll.mean()) for name, nll in query_nlls(tokens, clean.log_probs, data, adapter.d_vocab).items()
     }
+    undecided = lags is None and not parents.conclusive
+    if lags is None:
+        lags = parents.lags
     scorer = _Scorer(clean.log_probs, tokens[:, -1], losses, config.kl_threshold, config.recovered_threshold)
     thresholds = {
         "kl": config.kl_threshold,
@@ -243,6 +250,11 @@ def decompose(
         check = "selector" if copiers_clean else "parents"
         structural.append((check, f"the model uses lags {lags}; the data's parents are {data.parents}"))
     verdict = NOT_GIH if structural else SMOOTHING if failing else HOLDS
+    if undecided:
+        # Only a failure that does not hang on the undecided lags is a finding; the rest waits for a larger sample.
+        structural = [(check, why) for check, why in structural if check not in ("parents", "selector", "controls")]
+        verdict = NOT_GIH if structural else INCONCLUSIVE
+        structural = [("parents", parents.behavioural.inconclusive_reason()), *structural]
     return DecompositionReport(
         verdict,
         lags,

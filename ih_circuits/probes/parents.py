@@ -90,12 +90,24 @@ class ParentReport:
         return bool(self.lags)
 
     @property
+    def conclusive(self) -> bool:
+        """Every lag tested was decided, used or excluded (``behavioural.py``); when not, ``summary()`` says how
+        many sequences would decide the rest, and the comparisons with the truth and the theory are None."""
+        return self.behavioural.conclusive
+
+    @property
     def matches_truth(self) -> bool | None:
-        return None if self.true_parents is None else self.lags == self.true_parents
+        """Whether the lags found are the data's parents (None: no truth known, or the report is inconclusive)."""
+        if self.true_parents is None or not self.conclusive:
+            return None
+        return self.lags == self.true_parents
 
     @property
     def matches_theory(self) -> bool | None:
-        return None if self.predicted is None else self.lags == self.predicted
+        """Whether the lags found are the theory's prediction (None: no prediction, or inconclusive)."""
+        if self.predicted is None or not self.conclusive:
+            return None
+        return self.lags == self.predicted
 
     @property
     def white_box_lags(self) -> tuple[int, ...] | None:
@@ -128,14 +140,17 @@ class ParentReport:
         else:
             effects = ", ".join(f"lag {s} {self.query_effects[s]:.3f}" for s in self.lags)
             lines = [f"lags={self.lags} (query-side effect, nats: {effects})"]
+            if not self.conclusive:
+                lines.append(behaviour.inconclusive_reason())
+        undecided = "undecided (inconclusive)"
         if self.true_parents is not None:
-            lines.append(f"true parents {self.true_parents}: {'match' if self.matches_truth else 'differ'}")
+            said = undecided if self.matches_truth is None else "match" if self.matches_truth else "differ"
+            lines.append(f"true parents {self.true_parents}: {said}")
         if self.predicted is None:
             lines.append(f"theory {self.theory_note}")
         else:
-            lines.append(
-                f"theory {self.predicted} ({self.theory_note}): {'match' if self.matches_theory else 'differ'}"
-            )
+            said = undecided if self.matches_theory is None else "match" if self.matches_theory else "differ"
+            lines.append(f"theory {self.predicted} ({self.theory_note}): {said}")
         if self.selector is not None:
             lines.append(f"white-box selector {self.white_box_lags} ({self.selector[self.white_box_lags]:.3f})")
         lines.append(f"linearly represented at {self.representational.site}: {self.representational.represented}")

@@ -30,6 +30,7 @@ from ih_circuits.predictors import kl_divergence
 from ih_circuits.probes.behavioural import (
     BehaviouralReport,
     RepresentationalReport,
+    decide_lags,
     fit_linear_probes,
     mean_stderr,
     query_nlls,
@@ -176,12 +177,17 @@ class ProbeSession:
             total_mean, total_stderr = _mean_stderr(kl(runs.total))
         nll = query_nlls(self.tokens, self.clean.log_probs, self.data, self.adapter.d_vocab)
         difference = nll["unigram"] - nll["model"]
-        largest = max(query_mean)
         bar = config.n_stderr
-        used = tuple(
-            s
-            for s, m, e, h, he in zip(lags, query_mean, query_stderr, hurt_mean, hurt_stderr, strict=True)
-            if m > config.floor and m > config.threshold * largest and m > bar * e and h > bar * he
+        used, undecided, needed = decide_lags(
+            lags,
+            query_mean,
+            query_stderr,
+            hurt_mean,
+            hurt_stderr,
+            floor=config.floor,
+            threshold=config.threshold,
+            n_stderr=bar,
+            n_sequences=self.tokens.shape[0],
         )
         return BehaviouralReport(
             lags,
@@ -200,6 +206,9 @@ class ProbeSession:
             float(difference.std() / math.sqrt(len(difference))),
             n_stderr=bar,
             site_reason=self.query_site[2],
+            undecided=undecided,
+            needed_sequences=needed,
+            n_sequences=self.tokens.shape[0],
         )
 
     @cached_property

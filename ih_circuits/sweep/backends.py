@@ -6,13 +6,16 @@ gives the same numbers on either. A worker that dies (killed, out of memory) giv
 
 from __future__ import annotations
 
+import ast
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.context import BaseContext
+from pathlib import Path
 
 from ih_circuits.sweep.execute import RunOutcome, execute_run, failure
 from ih_circuits.sweep.spec import RunSpec
@@ -24,6 +27,45 @@ Execute = Callable[[RunSpec], RunOutcome]
 def available_cores() -> int:
     """Cores this process may use (its CPU affinity where the platform reports one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _guarded(tree: ast.Module, line: int) -> bool:
+    """Whether ``line`` of a module lies inside an ``if __name__ == "__main__":`` block."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test):
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+                return True
+    return False
+
+
+def check_spawn_safe_entry() -> None:
+    """Refuse, before any process starts, a local pool started from the top level of a script without the
+    ``if __name__ == "__main__":`` guard: each spawned worker imports the script and would start the sweep again
+    (every worker dies, every run fails). Notebooks, the CLI and interactive sessions are not scripts of the main
+    module, so they pass."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not str(path).endswith(".py"):
+        return
+    path = os.path.realpath(path)
+    frame = sys._getframe(1)
+    while frame is not None:
+        top_level = frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"
+        if top_level and os.path.realpath(frame.f_code.co_filename) == path:
+            break
+        frame = frame.f_back
+    if frame is None:
+        return
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return
+    if not _guarded(tree, frame.f_lineno):
+        raise RuntimeError(
+            f"{path}, line {frame.f_lineno}: a sweep with backend='local' started from a script's top level; its "
+            "spawned workers import the script and would start it again. Put the call under "
+            '`if __name__ == "__main__":`'
+        )
 
 
 def _drain(

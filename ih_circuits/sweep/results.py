@@ -46,8 +46,12 @@ TEXT_COLUMNS = ("run_id", "preset", "status", "verdict", "error", *LAG_COLUMNS)
 
 
 def results_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """The records as one table, columns in the module docstring's order (a failed run's numbers are NaN)."""
+    """The records as one table, every column of the module docstring in its order (a failed run's numbers are
+    NaN, its text columns ``""``), also when no run finished."""
     frame = pd.DataFrame.from_records(list(records))
+    for column in OUTCOME_COLUMNS:  # every column, even when no run finished (a table of failures stays a table)
+        if column not in frame.columns:
+            frame[column] = math.nan
     config = [c for c in frame.columns if c not in OUTCOME_COLUMNS]
     frame = frame[config + [c for c in OUTCOME_COLUMNS if c in frame.columns]]
     for column in TEXT_COLUMNS:

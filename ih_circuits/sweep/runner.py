@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ih_circuits.checks import check_int
-from ih_circuits.sweep.backends import BACKENDS, available_cores, run_local, run_ray
+from ih_circuits.sweep.backends import BACKENDS, available_cores, check_spawn_safe_entry, run_local, run_ray
 from ih_circuits.sweep.results import results_frame, write_results
 from ih_circuits.sweep.spec import SweepSpec
 from ih_circuits.sweep.store import prepare, read_record, read_spec, write_outcome
@@ -71,6 +71,8 @@ def run_sweep(
         check_int(workers, "workers", 1)
     if address is not None and backend != "ray":
         raise ValueError(f"address={address!r} is for backend='ray'; backend is {backend!r}")
+    if backend == "local":
+        check_spawn_safe_entry()
     directory = prepare(out, spec, overwrite=overwrite)
     runs = spec.runs()
     pending = [run for run in runs if (read_record(directory, run.run_id) or {}).get("status") != "ok"]

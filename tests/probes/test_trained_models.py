@@ -54,10 +54,16 @@ def test_trained_model_conditions_on_the_current_token_not_on_the_period(repeate
 
 def test_untrained_model_of_the_same_shape_reports_no_parents():
     model = ordinary_transformer(SOURCE, seed=0, **SHAPE)
-    report = find_parents(model, SOURCE, n_sequences=256)
-    assert report.lags == () and not report.uses_context
-    assert "does not use its context" in report.summary()
-    assert decomposition_test(model, SOURCE, n_sequences=64).verdict == "not a GIH circuit"
+    # Lag 1 moves its prediction (KL 0.18) through a random bigram. At 256 sequences the loss increase (+0.013 +-
+    # 0.036) can be told neither from zero nor from half the effect (0.09, what conditioning would cost):
+    # inconclusive, asking for about 500 (measured 502). At 1024 (+0.022 +- 0.018) it is a fixed map.
+    small = find_parents(model, SOURCE, n_sequences=256)
+    assert small.lags == () and not small.conclusive and 256 < small.behavioural.needed_sequences <= 1024
+    assert decomposition_test(model, SOURCE, n_sequences=256).verdict == "inconclusive"
+    report = find_parents(model, SOURCE, n_sequences=1024)
+    assert report.lags == () and report.conclusive and not report.uses_context
+    assert "a fixed map, not conditioning; the model does not use its context" in report.summary()
+    assert decomposition_test(model, SOURCE, n_sequences=1024).verdict == "not a GIH circuit"
 
 
 @pytest.mark.slow
@@ -68,18 +74,9 @@ def test_a_three_layer_model_runs_through_every_probe():
     heads = scan_heads(model, SOURCE, n_sequences=64)
     verdict = decomposition_test(model, SOURCE, n_sequences=64)
     assert len(heads) == 3 * 2 and set(heads["layer"]) == {0, 1, 2}
-    assert report.lags[:1] == (1,) and verdict.verdict in ("holds", "GIH circuit with smoothing", "not a GIH circuit")
-
-
-@pytest.mark.slow
-def test_the_readme_snippet_runs_as_written():
-    """The code block under "## Probe your own model" in README.md, executed verbatim."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Probe your own model") :]
-    code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["report"].lags[0] == 1
+    assert report.lags[:1] == (1,) and verdict.verdict in (
+        "holds",
+        "GIH circuit with smoothing",
+        "not a GIH circuit",
+        "inconclusive",
+    )

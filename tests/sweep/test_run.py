@@ -206,11 +206,38 @@ def test_readme_sweep_block_runs_as_written_and_ray_gives_the_same_table(tmp_pat
     readme = (root / "README.md").read_text()
     section = readme[readme.index("## Sweeps: theory against practice") :]
     code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
-    namespace: dict = {}
+    namespace: dict = {"__name__": "__main__"}  # run as the main script would
     exec(compile(code, "README.md", "exec"), namespace)
     local = namespace["results"]
+    assert (tmp_path / "out" / "sweep" / "map.png").stat().st_size > 0
     assert local.equals(load_results(tmp_path / "out" / "sweep"))
     _same_table(local, run_sweep("examples/sweep.toml", tmp_path / "ray", backend="ray", workers=2, quiet=True))
     assert len(local) == 24 and (local["status"] == "ok").all()
     cells = cell_table(local)
     assert len(cells) == 12 and set(cells["runs"]) == {2}
+
+
+def test_cli_sweep_exit_status_says_when_runs_failed(tmp_path, capsys):
+    """Exit 1 when some runs failed, 2 when all did; the helpers take a table of failures (a batch of 10^9
+    sequences is refused by the memory budget, so those runs fail at once)."""
+    from ih_circuits.cli import main
+    from ih_circuits.sweep import plot_theory_map
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'preset = "cwa"\nseeds = [0]\nsteps = 20\n[probe]\nn_sequences = 64\n[grid]\nbatch_size = [512, 1000000000]\n'
+    )
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "some"), "--workers", "1", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "2 runs in" in captured.out and "1 finished, 1 failed" in captured.out
+    assert "failed runs are run again" in captured.err
+    spec.write_text('preset = "cwa"\nseeds = [0, 1]\nsteps = 20\n[fixed]\nbatch_size = 1000000000\n')
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "all"), "--workers", "1", "--quiet"]) == 2
+    assert "2 runs in" in capsys.readouterr().out
+    results = load_results(tmp_path / "all")
+    assert set(results["status"]) == {"failed"} and set(results["selected_lags"]) == {""}
+    cells = cell_table(results)
+    assert cells["ok"].tolist() == [0] and math.isnan(cells["selection_frequency"].iloc[0])
+    assert math.isnan(agreement_rate(results)) and len(disagreements(results)) == 2
+    plot_theory_map(results)
+    assert main(["report", str(tmp_path / "all")]) == 0
