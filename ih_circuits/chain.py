@@ -154,7 +154,7 @@ def stationary_window_law(
         # reducible; for an ergodic chain it moves the law by O(1e-10 x mixing time).
         transition = (1.0 - _TELEPORT) * transition + _TELEPORT / n_states
         system = torch.eye(n_states, dtype=torch.float64, device=kernels.device) - transition.transpose(1, 2) + 1.0
-        law = torch.linalg.solve(system, torch.ones(batch, n_states, dtype=torch.float64, device=kernels.device))
+        law = _solve_one_thread(system, torch.ones(batch, n_states, dtype=torch.float64, device=kernels.device))
         law = law.clamp_min(0.0)
         law = law / law.sum(-1, keepdim=True)
     current = order
@@ -164,6 +164,23 @@ def stationary_window_law(
     if length < current:
         law = einops.reduce(law, "batch (old keep) -> batch keep", "sum", keep=d_vocab**length)
     return law
+
+
+def _solve_one_thread(
+    system: Float[Tensor, "batch state state"], rhs: Float[Tensor, "batch state"]
+) -> Float[Tensor, "batch state"]:
+    """``torch.linalg.solve`` with one CPU thread. The batched float64 LU of torch's CPU build (oneMKL) returns
+    invalid pivots with two threads at 400 states (vocabulary 20, order 2): "Parameter 6 was incorrect on entry
+    to DLASWP", then a ``RuntimeError``; with one thread it is right, and the law is the same at every thread
+    count. Other devices are left alone."""
+    if system.device.type != "cpu":
+        return torch.linalg.solve(system, rhs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.solve(system, rhs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def burned_in_law(

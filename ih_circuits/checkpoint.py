@@ -52,12 +52,31 @@ def check_output_file(path: str | Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: Path, *, directory: bool = False) -> int:
+    """The permission bits a plain ``open()`` (or ``mkdir``) would leave at ``path``: an existing file's own, else
+    0o666 (0o777 for a directory) less the umask. Temporary files are made 0o600 (directories 0o700), which would
+    otherwise survive the rename and keep colleagues and web servers out."""
+    if path.exists() and not path.is_symlink():
+        return path.stat().st_mode & 0o7777
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old file or the new."""
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old file or the new,
+    with the mode a plain ``open()`` would give it (``plain_mode``)."""
     path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = plain_mode(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(temporary, mode)
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
@@ -72,9 +91,14 @@ def atomic_directory(directory: str | Path, kind: str, *, overwrite: bool) -> It
     """Yield a staging directory to write into; on success add the manifest and move it to ``directory``."""
     directory = check_target(directory, overwrite=overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    mode = plain_mode(directory, directory=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
     try:
+        staging.chmod(mode)
         yield staging
+        file_mode = 0o666 & ~_umask()
+        for written in staging.rglob("*"):  # some writers (safetensors) make their files 0o600
+            written.chmod(mode if written.is_dir() else file_mode)
         write_manifest(staging, kind)
         _swap(staging, directory)
     except BaseException:

@@ -79,6 +79,26 @@ def test_stationary_window_law_matches_power_iteration(parents, length):
         assert law[b].tolist() == pytest.approx(brute_force_stationary_law(kernels[b], parents, d, length), abs=1e-8)
 
 
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("restore_threads")
+def test_the_stationary_law_is_the_same_at_one_and_two_threads():
+    """400 states (vocabulary 20, order 2): oneMKL's batched LU gave invalid pivots at 2 threads (a RuntimeError
+    after "DLASWP" on this machine); the solve now runs on one thread, so every thread count gives the same law."""
+    kernels = DirichletPrior(0.1).sample_rows(4, 400, 20, torch.Generator().manual_seed(7), torch.float64)
+    laws = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        laws.append(stationary_window_law(kernels, (1, 2), 20, 2))
+    assert torch.equal(laws[0], laws[1]) and torch.get_num_threads() == 2
+    assert torch.allclose(laws[0].sum(-1), torch.ones(4, dtype=torch.float64))
+
+
 def test_shorter_stationary_windows_are_marginals():
     kernels = DirichletPrior(0.5).sample_rows(4, 9, 3, torch.Generator().manual_seed(6), torch.float64)
     long = stationary_window_law(kernels, (1, 2), 3, 3).reshape(4, 3, 3, 3)

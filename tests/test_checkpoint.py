@@ -174,3 +174,29 @@ def test_random_kills_during_saves_never_leave_a_mix(tmp_path):
             outcomes["refused"] += 1
     # Both saves are seen (the kills land at varied points); a refusal needs a kill between two renames.
     assert outcomes[1] >= 20 and outcomes[2] >= 20 and sum(outcomes.values()) == 100, outcomes
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_saves_and_written_files_have_the_mode_a_plain_open_gives(tmp_path):
+    """Temporary files are 0o600 and staging directories 0o700; neither mode may survive the rename (measured
+    before: report.html, results.csv and sweep.json 0o600 whatever the umask)."""
+    from ih_circuits.checkpoint import atomic_write_text
+
+    atomic_write_text(tmp_path / "new.txt", "x")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
+    kept = tmp_path / "kept.txt"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    atomic_write_text(kept, "new")
+    assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"
+    filled_run(1.0, 1).save(tmp_path / "run")
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*")}
+    assert set(modes.values()) <= {0o644, 0o755}, modes
