@@ -113,3 +113,37 @@ def check_tokens(tokens: Any, d_vocab: int | None, name: str = "tokens") -> int:
     if low < 0 or high >= d_vocab:
         raise ValueError(f"{name} must be integers in [0, d_vocab={d_vocab}); got min {low}, max {high}")
     return d_vocab
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """Return ``torch.device(device)`` if this process can compute there, else raise ``ValueError``: an unparsable
+    string, ``"meta"`` (tensors without values: nothing to train or probe), or an accelerator this torch build or
+    machine lacks (``"cuda"`` on a CPU build is an ``AssertionError`` deep inside torch otherwise).
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name} must be a device such as 'cpu' or 'cuda'; got {device!r} ({error})") from None
+    if parsed.type == "meta":
+        raise ValueError(
+            f"{name}='meta' holds no values, so nothing can be trained or probed there; use 'cpu' or 'cuda'"
+        )
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(parsed.type, False):
+        raise ValueError(
+            f"{name}={device!r} is not available here (torch {torch.__version__}, CUDA available: "
+            f"{torch.cuda.is_available()}); use 'cpu' or a device this machine has"
+        )
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
+def check_generator(generator: Any, name: str = "generator") -> torch.Generator:
+    """Return ``generator`` if it is a ``torch.Generator``, else raise ``ValueError`` naming the argument."""
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"{name} must be a torch.Generator (or pass seed=); got {type(generator).__name__}")
+    return generator

@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from ih_circuits.checks import check_int
+from ih_circuits.checks import check_generator, check_int
 
 
 def make_generator(seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:
@@ -17,12 +17,12 @@ def make_generator(seed: int | None = None, generator: torch.Generator | None = 
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if generator is not None:
-        return generator
+        return check_generator(generator)
     fresh = torch.Generator()
     if seed is None:
         fresh.seed()
     else:
-        fresh.manual_seed(check_int(seed, "seed", 0))
+        fresh.manual_seed(check_int(seed, "seed", 0, 2**63 - 1, high_text="2**63 - 1"))
     return fresh
 
 

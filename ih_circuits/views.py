@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ih_circuits.chain import history_codes, validate_lags
 from ih_circuits.checkpoint import atomic_write_text
+from ih_circuits.checks import check_int
 from ih_circuits.history import copier_weights, selector_shares
 from ih_circuits.probes import DecompositionReport, ParentReport, ProbeConfig, ProbeSession
 from ih_circuits.seeds import derive_seed
@@ -122,9 +123,14 @@ def attention_data(
     adapter.check_layer(layer, "layer")
     if lags is not None:
         lags = validate_lags(lags, "lags")
+    check_int(last, "last", 1)
     if tokens.ndim == 1:
         tokens = tokens[None]
-    tokens = tokens[:1].to(adapter.device)
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+        raise ValueError(
+            f"tokens must be one sequence, [pos] or [1, pos]; got shape {tuple(tokens.shape)}: pick one, e.g. tokens[0]"
+        )
+    tokens = tokens.to(adapter.device)
     pattern = adapter.patterns(tokens, layer)[0]
     n_pos = tokens.shape[1]
     start = max(0, n_pos - last)

@@ -133,3 +133,33 @@ def test_the_controls_say_why_when_they_cannot_compare(without_runtime_typecheck
     assert rows[-1]["verdict"] == (
         "failed: the lags outside (1, 2) move the prediction at most 0.50x the weakest of them (needs <= 0.25)"
     )
+
+
+@pytest.mark.usefixtures("without_runtime_typecheck")
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda model, task, tokens: task.sample(4, seed=2**64), r"seed must be an integer in \[0, 2\*\*63 - 1\]"),
+        (lambda model, task, tokens: task.sample(4, generator="x"), "generator must be a torch.Generator"),
+        (lambda model, task, tokens: ih.IHConfig(3, 24, 3, device="meta"), "device='meta' holds no values"),
+        (lambda model, task, tokens: ih.IHConfig(3, 24, 3, device="tpu"), "device must be a device such as"),
+        (lambda model, task, tokens: ih.views.attention_view(model, tokens, 0, last=0), "last must be an integer >= 1"),
+        (lambda model, task, tokens: ih.views.attention_view(model, tokens, 0), "tokens must be one sequence"),
+    ],
+    ids=["seed 2**64", "generator str", "device meta", "device tpu", "view last 0", "view of a batch"],
+)
+def test_raw_errors_of_the_edge_battery_are_clear(setup, call, message):
+    model, task, tokens = setup
+    with pytest.raises(ValueError, match=message):
+        call(model, task, tokens)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_cpu_build_is_a_clear_error_not_an_assertion():
+    with pytest.raises(ValueError, match="device='cuda' is not available here"):
+        ih.IHConfig(d_vocab=3, n_ctx=24, n_heads=3, device="cuda")
+
+
+def test_the_selector_probe_takes_model_and_data_like_every_probe(setup):
+    model, task, _ = setup
+    assert ih.probes.selector_probe(model, task) == ih.probes.selector_probe(model)

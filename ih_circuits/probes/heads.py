@@ -162,11 +162,12 @@ def copier_report(
     return CopierReport(mass, (dominant + 1).tolist(), concentration, source, layer)
 
 
-def selector_probe(model: nn.Module) -> dict[tuple[int, ...], float]:
+def selector_probe(model: nn.Module, data: object = None) -> dict[tuple[int, ...], float]:
     """White-box answer for ``IHTransformer``: selector shares summed by the lag set their heads copy.
 
     A head subset S maps to the set of dominant lags of its heads; the shares of subsets that map to the
-    same lag set add up. The result is sorted by share, largest first.
+    same lag set add up. The result is sorted by share, largest first. ``data`` is accepted so that every probe
+    takes ``(model, data)``; the shares are read from the weights and do not depend on it.
     """
     parts = adapt(model).parts
     if parts is None:
