@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ih_circuits.checkpoint import check_target
+from ih_circuits.checks import check_int
 from ih_circuits.theory import selection_scores
 
 
@@ -27,6 +28,7 @@ def _lags(text: str) -> tuple[int, ...]:
 
 
 def _theory(args: argparse.Namespace) -> None:
+    check_int(args.max_degree, "--max-degree", 0)
     scores = selection_scores(
         args.vocab_size,
         args.parents,
@@ -58,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
             "steps": args.steps,
             "lr": args.lr,
             "parents": args.parents,
+            "window": args.window,
             "alpha": args.alpha,
             "batch_size": args.batch_size,
         }.items()
@@ -200,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None, help="total steps (stages rescaled)")
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--parents", type=_lags, default=None)
+    train.add_argument("--window", type=int, default=None, help="lags each copier head can read (default 3)")
     train.add_argument("--alpha", type=float, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--out", default=None, help="directory for the run (default runs/PRESET-seedSEED)")

@@ -246,6 +246,7 @@ def model_averaging(
     softmax_S(log P_S(x_W..x_t)) and the prediction is sum_S w_S P_S(x_{t+1} | x_0..x_t).
     """
     d_vocab = check_tokens(tokens, d_vocab)
+    tokens = tokens.long()  # any integer dtype is accepted; gather needs int64
     if not candidates:
         raise ValueError("candidates must contain at least one lag set")
     sets = [validate_lags(c, "candidates") for c in candidates]

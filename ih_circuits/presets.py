@@ -123,6 +123,13 @@ def preset_parts(name: str, *, seed: int = 0, **overrides: Any) -> tuple[IHTrans
     task = NGramTask(window=max(window, max(task_values["parents"], default=1)), **task_values)
     device = overrides.get("device", "cpu")
     cfg = IHConfig(d_vocab=task.vocab_size, n_ctx=task.seq_len, device=device, **model_values)
+    unseen = [lag for lag in task.parents if lag > cfg.max_lag]
+    if unseen:
+        raise ValueError(
+            f"parents {task.parents} include lag(s) {tuple(unseen)} that the model cannot see: its copier heads read "
+            f"lags 1..{cfg.max_lag} (window {cfg.window}); raise the window to >= {max(unseen)} (override "
+            f"window={max(unseen)}, CLI --window {max(unseen)}) or choose parents within it"
+        )
     stages = preset.stages
     if "steps" in overrides:
         stages = tuple(

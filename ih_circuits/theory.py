@@ -108,7 +108,9 @@ class SelectionScores:
     chi2_per_kernel: Float[Tensor, "subset kernel"] = field(repr=False)
 
     def best(self, max_degree: int | None = None) -> tuple[int, ...]:
-        """argmax_S I~(S) over the candidates with at most ``max_degree`` lags."""
+        """argmax_S I~(S) over the candidates with at most ``max_degree`` lags (>= 0; None: any size)."""
+        if max_degree is not None:
+            check_int(max_degree, "max_degree", 0)
         allowed = {s: v for s, v in self.modified.items() if max_degree is None or len(s) <= max_degree}
         return max(allowed, key=lambda s: (allowed[s], -len(s)))
 

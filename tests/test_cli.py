@@ -31,6 +31,25 @@ def test_bad_argument_is_one_line_and_exit_2(capsys):
     assert len(err) == 1 and "vocab_size" in err[0]
 
 
+def test_a_negative_max_degree_is_refused_before_any_work(capsys):
+    assert main(["theory", "--max-degree", "-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == (
+        "ih-circuits theory: error: --max-degree must be an integer >= 0; got -1"
+    )
+
+
+def test_train_refuses_parents_the_model_cannot_see(tmp_path, capsys):
+    """A window-3 model's copier heads read lags 1..3: parents (1, 5) are refused, with the override that fixes it."""
+    args = ["train", "--preset", "cwa", "--parents", "1,5", "--steps", "2", "--batch-size", "64", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err
+    assert "include lag(s) (5,) that the model cannot see" in error and "--window 5" in error
+    assert not (tmp_path / "a").exists()
+    assert main([*args, "--window", "5", "--out", str(tmp_path / "b")]) == 0
+    assert TrainingRun.load(tmp_path / "b").model.config.window == 5
+
+
 def test_train_probe_report_round_trip(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--preset", "cwa", "--steps", "30", "--batch-size", "512", "--quiet", "--out", str(out)]) == 0

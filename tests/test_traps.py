@@ -163,3 +163,16 @@ def test_cuda_on_a_cpu_build_is_a_clear_error_not_an_assertion():
 def test_the_selector_probe_takes_model_and_data_like_every_probe(setup):
     model, task, _ = setup
     assert ih.probes.selector_probe(model, task) == ih.probes.selector_probe(model)
+
+
+def test_small_integer_tokens_and_negative_degrees(setup):
+    from ih_circuits.predictors import model_averaging
+
+    _, _, tokens = setup
+    candidates = [(1,), (1, 2)]
+    assert torch.equal(
+        model_averaging(tokens.to(torch.int8), candidates).probs, model_averaging(tokens, candidates).probs
+    )
+    scores = ih.theory.selection_scores(3, (1,), 0.1, n_kernels=20, window=2)
+    with pytest.raises(ValueError, match="max_degree must be an integer >= 0; got -1"):
+        scores.best(-1)
