@@ -229,8 +229,9 @@ def test_06_probe_your_own_model():
     )
     effects = {int(k): v for k, v in run.values["effects"].items()}
     stderr = {int(k): v for k, v in run.values["stderr"].items()}
-    # "Lag 1 is the main parent; lag 2 has a smaller but real effect."
+    # "Lag 1 is the main parent; lag 2 has a smaller but real effect ... near the relative bar ... inconclusive".
     assert effects[1] > 3 * effects[2] and effects[2] > 4 * stderr[2]
+    assert run.outputs[5].startswith("lags=(1,)") and "inconclusive: lags (2,) are neither used" in run.outputs[5]
     # "lags 7-13, period lags where earlier copies sit, would look used: large total effects, no query-side
     # effect" (measured totals 0.35 to 1.47 nats, query-side effects at most 3e-4)
     total = {int(k): v for k, v in run.values["total"].items()}

@@ -43,10 +43,14 @@ def test_trained_model_conditions_on_the_current_token_not_on_the_period(repeate
     # Lags up to 14 include every "period lag" p + 1 (p = 4..12): where the earlier copy of the current token sits.
     report = find_parents(model, SOURCE, n_sequences=256, max_lag=14)
     effects = report.query_effects
-    assert report.lags[0] == 1 and set(report.lags) <= {1, 2}
+    assert report.lags == (1,), report.summary()
     assert effects[1] > 2.0 and effects[1] > 3 * effects[2]
     assert max(effects[s] for s in range(3, 15)) < 0.1
-    assert report.matches_truth is (report.lags == (1,))
+    # Lag 2's effect is 17-18% of lag 1's (0.74 +- 0.09 of 4.36 on TL 4.x, 0.80 of 4.34 on 3.x), against the 0.2
+    # relative bar: undecided at 256 sequences, asking 1015 (4.x) and 4319 (3.x); at 1024 on 4.x it is excluded.
+    behaviour = report.behavioural
+    assert behaviour.undecided == (2,) and report.matches_truth is None
+    assert 256 < behaviour.needed_sequences < 10_000 and "lags (2,) are neither used nor excluded" in report.summary()
     verdict = decomposition_test(model, SOURCE, lags=(1,), n_sequences=128)
     structural = {check for check, _ in verdict.failing} & {"parents", "induction head", "copier heads"}
     assert not structural, verdict.reason
