@@ -17,7 +17,7 @@ All probes look at the query row T-2 (the prediction of the last token) unless t
 - ``behavioural``: the query-side resampling and read-out reports; ``roles``: head roles, defined once;
 - ``heads``: history matches, induction scores, copier and selector read-outs; ``causal``: attribution and exact
   path patching; ``replacement``: ideal patterns for any TransformerLens model;
-- ``parents``: ``ParentReport`` with the truth and the theory; ``decomposition``: its three verdicts;
+- ``parents``: ``ParentReport`` with the truth and the theory; ``decomposition``: its four verdicts;
 - ``patching``: ``head_patching`` (each head's ``hook_z`` at the query row).
 
 Every probe leaves the model as it found it (hooks removed, parameters and mode untouched).

@@ -1,6 +1,6 @@
 """Does the model work as copier -> selector -> classifier, a generalized induction head on its parents?
 
-One entry point, ``decomposition_test(model, data)`` (or ``ProbeSession.decomposition()``), three verdicts:
+One entry point, ``decomposition_test(model, data)`` (or ``ProbeSession.decomposition()``), four verdicts:
 
 - ``"holds"``: replacing the parts by the ideal GIH changes the query prediction little;
 - ``"GIH circuit with smoothing"``: the structure is there (right parents, copier heads, an induction head)
