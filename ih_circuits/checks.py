@@ -115,13 +115,13 @@ def check_tokens(tokens: Any, d_vocab: int | None, name: str = "tokens") -> int:
     return d_vocab
 
 
-def check_device(device: Any, name: str = "device") -> torch.device:
-    """Return ``torch.device(device)`` if this process can compute there, else raise ``ValueError``: an unparsable
-    string, ``"meta"`` (tensors without values: nothing to train or probe), or an accelerator this torch build or
-    machine lacks (``"cuda"`` on a CPU build is an ``AssertionError`` deep inside torch otherwise).
+def parse_device(device: Any, name: str = "device") -> torch.device:
+    """Return ``torch.device(device)`` for a device that can hold values, else raise ``ValueError``: an unparsable
+    string, or ``"meta"`` (tensors without values: nothing to train or probe). Whether this machine has it is
+    ``check_device``'s question: a config naming ``"cuda"`` stays valid data on a CPU machine.
 
-    >>> check_device("cpu")
-    device(type='cpu')
+    >>> parse_device("cuda:1")
+    device(type='cuda', index=1)
     """
     try:
         parsed = torch.device(device)
@@ -131,11 +131,23 @@ def check_device(device: Any, name: str = "device") -> torch.device:
         raise ValueError(
             f"{name}='meta' holds no values, so nothing can be trained or probed there; use 'cpu' or 'cuda'"
         )
+    return parsed
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """``parse_device``, and refuse a device this torch build or machine lacks (``"cuda"`` on a CPU build is an
+    ``AssertionError`` deep inside torch otherwise).
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    """
+    parsed = parse_device(device, name)
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(parsed.type, False):
         raise ValueError(
             f"{name}={device!r} is not available here (torch {torch.__version__}, CUDA available: "
-            f"{torch.cuda.is_available()}); use 'cpu' or a device this machine has"
+            f"{torch.cuda.is_available()}); use 'cpu' or a device this machine has (a model saved elsewhere: "
+            "IHTransformer.from_pretrained(directory, device='cpu'))"
         )
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"{name}={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")

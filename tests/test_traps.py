@@ -156,8 +156,11 @@ def test_raw_errors_of_the_edge_battery_are_clear(setup, call, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_cpu_build_is_a_clear_error_not_an_assertion():
-    with pytest.raises(ValueError, match="device='cuda' is not available here"):
-        ih.IHConfig(d_vocab=3, n_ctx=24, n_heads=3, device="cuda")
+    cfg = ih.IHConfig(d_vocab=3, n_ctx=24, n_heads=3, device="cuda")  # a config is data: valid on any machine
+    with pytest.raises(
+        ValueError, match=r"cfg.device='cuda' is not available here.*from_pretrained\(directory, device='cpu'\)"
+    ):
+        ih.IHTransformer(cfg)
 
 
 def test_the_selector_probe_takes_model_and_data_like_every_probe(setup):

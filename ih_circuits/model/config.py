@@ -11,7 +11,7 @@ import torch
 from transformer_lens.config import TransformerLensConfig
 
 from ih_circuits.checkpoint import check_fields
-from ih_circuits.checks import check_device, check_int, check_real
+from ih_circuits.checks import check_int, check_real, parse_device
 
 COPIERS = ("positional", "full")
 LAYOUTS = ("shared", "staggered")
@@ -84,7 +84,7 @@ class IHConfig:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}; got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be a device string such as 'cpu' or 'cuda'; got {self.device!r}")
-        check_device(self.device)
+        parse_device(self.device)
 
     @property
     def subsets(self) -> list[tuple[int, ...]]:

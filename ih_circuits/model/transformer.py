@@ -37,7 +37,7 @@ from transformer_lens.hook_points import HookPoint
 
 from ih_circuits.chain import validate_lags
 from ih_circuits.checkpoint import atomic_directory, read_json, verify
-from ih_circuits.checks import check_real, check_tokens
+from ih_circuits.checks import check_device, check_real, check_tokens
 from ih_circuits.memory import memory_limit
 from ih_circuits.model.cache import IHActivationCache
 from ih_circuits.model.classifier import Classifier
@@ -90,6 +90,7 @@ class IHTransformer(HookedRootModule):
         super().__init__()
         if not isinstance(cfg, IHConfig):
             raise ValueError(f"cfg must be an IHConfig; got {type(cfg).__name__}")
+        check_device(cfg.device, "cfg.device")
         self.config = cfg
         self.cfg = cfg.to_transformer_lens()
         self.hook_embed = HookPoint()  # [batch, pos, d_vocab]
