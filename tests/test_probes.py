@@ -158,7 +158,14 @@ def test_probes_run_on_an_ordinary_transformer():
     classifier = classifier_probe(model, task, (1, 2), n_sequences=32)
     assert len(classifier.score) == 2
     decomposition = decomposition_test(model, task, n_sequences=32)
-    assert decomposition.method == "replacement" and decomposition.verdict == "not a GIH circuit"  # untrained
+    # Untrained: never a GIH circuit. At 32 sequences the TL 4.x bridge is decided ("not a GIH circuit"); the TL 3.x
+    # HookedTransformer's lags are undecided, and it says so with a larger sample to take.
+    assert decomposition.method == "replacement"
+    if decomposition.verdict == "inconclusive":
+        assert decomposition.reason.startswith("inconclusive: lags")
+        assert decomposition.parents.behavioural.needed_sequences > 32
+    else:
+        assert decomposition.verdict == "not a GIH circuit"
 
 
 @pytest.mark.usefixtures("without_runtime_typecheck")
