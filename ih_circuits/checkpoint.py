@@ -5,9 +5,13 @@ SHA-256 of every file) last, and only then renames the staging directory into pl
 already held a save is first renamed aside and removed once the new one is in place. So a process killed at
 any moment leaves the target holding one complete save or nothing, never a mix: a kill between the two
 renames leaves the previous save beside it as ``.NAME.replaced-*``, and a load says where. A load checks the
-manifest (every file present, sizes and checksums equal) before reading anything.
+manifest (its format known, every file present, sizes and checksums equal) before reading anything.
 
-Saving into a directory that already holds something refuses unless ``overwrite=True``.
+Saving into a directory that already holds something refuses unless ``overwrite=True``; a symbolic link is
+refused (the rename would replace the link, not the directory it points to). Staging and set-aside directories
+carry the writer's process id, so a save clears only its own and those of writers that are no longer running,
+never another live writer's. A write that fails (a full disk, a quota) raises an ``OSError`` naming the target
+and leaves the previous save as it was.
 """
 
 from __future__ import annotations
@@ -27,10 +31,31 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
+class SaveError(OSError):
+    """Writing a save failed (a full disk, a quota, a permission): the message names the target and the cause;
+    the target was left as it was."""
+
+    def __init__(self, errno: int | None, directory: Path, cause: str) -> None:
+        super().__init__(
+            errno,
+            f"saving to {directory} failed: {cause}; nothing was replaced (a previous save there is intact): free "
+            "space or choose another directory",
+        )
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def check_target(directory: str | Path, *, overwrite: bool) -> Path:
     """Refuse, before any work, a save target that is a file, unwritable, or holds something (unless
     ``overwrite``); ``.NAME.replaced-*`` leftovers of an interrupted save count as holding something."""
     directory = Path(directory)
+    if directory.is_symlink():
+        raise ValueError(
+            f"cannot save to {directory}: it is a symbolic link (to {os.readlink(directory)}); a save replaces the "
+            f"directory by a rename, so give the real directory ({directory.resolve()}) instead"
+        )
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save to {directory}: it is a file, not a directory")
     _check_writable(directory)
@@ -80,8 +105,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise SaveError(error.errno, path, error.strerror or str(error)) from error
         raise
     return path
 
@@ -92,7 +119,7 @@ def atomic_directory(directory: str | Path, kind: str, *, overwrite: bool) -> It
     directory = check_target(directory, overwrite=overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     mode = plain_mode(directory, directory=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-{os.getpid()}-", dir=directory.parent))
     try:
         staging.chmod(mode)
         yield staging
@@ -101,11 +128,18 @@ def atomic_directory(directory: str | Path, kind: str, *, overwrite: bool) -> It
             written.chmod(mode if written.is_dir() else file_mode)
         write_manifest(staging, kind)
         _swap(staging, directory)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, SaveError):  # a nested save (the model inside a run): name this target instead
+            raise SaveError(error.errno, directory, error.cause) from error.__cause__
+        if isinstance(error, OSError):
+            raise SaveError(error.errno, directory, error.strerror or str(error)) from error
+        if type(error).__name__ == "SafetensorError":  # safetensors reports its I/O failures (ENOSPC) as its own type
+            raise SaveError(None, directory, f"writing the weights: {error}") from error
         raise
     for leftover in _leftovers(directory, "saving") + _leftovers(directory, "replaced"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if not _writer_alive(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_manifest(directory: Path, kind: str) -> None:
@@ -132,10 +166,26 @@ def verify(directory: str | Path, kind: str) -> dict[str, Any]:
         raise ValueError(f"{directory} is not a complete saved {kind}: {MANIFEST} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        found_kind = manifest["kind"]
+        files, found_kind, found_format = manifest["files"], manifest["kind"], manifest["format"]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{manifest_path} is unreadable: {error}") from None
+        raise ValueError(
+            f"{manifest_path} is unreadable ({type(error).__name__}: {error}); a manifest holds format, kind and files"
+        ) from None
+    if found_format != FORMAT_VERSION:
+        raise ValueError(
+            f"{manifest_path}: format {found_format!r} is not one this version reads (format {FORMAT_VERSION}); "
+            "it was written by another version of ih_circuits, or edited"
+        )
+    valid_entry = {"bytes", "sha256"}
+    if (
+        not isinstance(files, dict)
+        or not files
+        or not all(isinstance(e, dict) and set(e) == valid_entry for e in files.values())
+    ):
+        raise ValueError(
+            f"{manifest_path}: files must map every saved file to its bytes and sha256 (at least one file); "
+            f"got {str(files)[:80]}"
+        )
     if found_kind != kind:
         raise ValueError(f"{directory} holds a saved {found_kind}, not a saved {kind}")
     for name, expected in files.items():
@@ -171,10 +221,25 @@ def _swap(staging: Path, directory: Path) -> None:
     if not directory.exists():
         os.rename(staging, directory)
         return
-    aside = directory.parent / f".{directory.name}.replaced-{uuid.uuid4().hex[:8]}"
+    aside = directory.parent / f".{directory.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(directory, aside)
     os.rename(staging, directory)
     shutil.rmtree(aside)
+
+
+def _writer_alive(leftover: Path) -> bool:
+    """Whether the process named in a leftover's name (``.NAME.saving-PID-...``) is another one still running;
+    a name without a process id (an older save) counts as finished."""
+    parts = leftover.name.rsplit(".", 1)[-1].split("-")
+    if len(parts) < 3 or not parts[1].isdigit() or int(parts[1]) in (0, os.getpid()):
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        return True
+    return True
 
 
 def _leftovers(directory: Path, what: str) -> list[Path]:

@@ -99,6 +99,8 @@ def check_tokens(tokens: Any, d_vocab: int | None, name: str = "tokens") -> int:
 
     ``d_vocab=None`` infers d as max(tokens) + 1 (pass it whenever a token may be absent).
     """
+    if d_vocab is not None:
+        check_int(d_vocab, "d_vocab", 2)
     if not isinstance(tokens, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of token ids; got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:

@@ -15,10 +15,6 @@ from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
-from ih_circuits.checkpoint import check_target
-from ih_circuits.checks import check_int
-from ih_circuits.theory import selection_scores
-
 
 def _lags(text: str) -> tuple[int, ...]:
     try:
@@ -28,6 +24,9 @@ def _lags(text: str) -> tuple[int, ...]:
 
 
 def _theory(args: argparse.Namespace) -> None:
+    from ih_circuits.checks import check_int
+    from ih_circuits.theory import selection_scores
+
     check_int(args.max_degree, "--max-degree", 0)
     scores = selection_scores(
         args.vocab_size,
@@ -51,6 +50,7 @@ def _theory(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ih_circuits.checkpoint import check_target
     from ih_circuits.presets import train_preset
     from ih_circuits.training import TrainingDiverged, TrainingRun
 
@@ -135,6 +135,7 @@ def _sweep(args: argparse.Namespace) -> int:
         address=args.address,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        **({} if args.max_runs is None else {"max_runs": args.max_runs}),
     )
     failed = int((results["status"] != "ok").sum())
     summary = f"{len(results)} runs in {args.out}/results.csv: {len(results) - failed} finished, {failed} failed"
@@ -151,7 +152,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from ih_circuits.checkpoint import check_output_file
+    from ih_circuits.checkpoint import check_output_file, check_target
     from ih_circuits.presets import train_preset
     from ih_circuits.probes import decomposition_test
     from ih_circuits.reporting import report
@@ -228,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=None, help="parallel runs (default: the cores available)")
     sweep.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001)")
     sweep.add_argument("--overwrite", action="store_true", help="replace a sweep already in --out")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument("--quiet", action="store_true", help="no estimate and no progress bar")
+    sweep.add_argument(
+        "--max-runs",
+        type=int,
+        default=None,
+        help="refuse a spec of more runs, cells x seeds (default 10000, ih_circuits.sweep.spec.DEFAULT_MAX_RUNS)",
+    )
     sweep.set_defaults(run=_sweep)
     demo = commands.add_parser("demo", help="train the CWa preset, probe it, write the report")
     demo.add_argument("--out", default="out/demo", help="directory for the run and report.html (rewritten each time)")

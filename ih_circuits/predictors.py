@@ -180,6 +180,12 @@ def oracle_predictive(
     d_vocab = kernels.shape[-1]
     check_tokens(tokens, d_vocab)
     parents = validate_lags(parents)
+    expected = (tokens.shape[0], d_vocab ** len(parents), d_vocab)
+    if not isinstance(kernels, Tensor) or tuple(kernels.shape) != expected:
+        raise ValueError(
+            f"kernels must have shape [batch, d^|parents|, d] = {list(expected)} for {tokens.shape[0]} sequences and "
+            f"parents {parents}; got {list(getattr(kernels, 'shape', []))}"
+        )
     query = history_codes(tokens, parents, d_vocab)[:, 1:]
     rows = kernels.gather(1, query.clamp_min(0)[..., None].expand(-1, -1, d_vocab))
     probs = torch.where((query >= 0)[..., None], rows, torch.full_like(rows, 1.0 / d_vocab))
@@ -247,8 +253,8 @@ def model_averaging(
     """
     d_vocab = check_tokens(tokens, d_vocab)
     tokens = tokens.long()  # any integer dtype is accepted; gather needs int64
-    if not candidates:
-        raise ValueError("candidates must contain at least one lag set")
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or not candidates:
+        raise ValueError(f"candidates must be a non-empty list of lag sets such as [(1,), (1, 2)]; got {candidates!r}")
     sets = [validate_lags(c, "candidates") for c in candidates]
     first = max((max(s, default=0) for s in sets), default=0)
     per_set = torch.stack(

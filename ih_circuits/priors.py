@@ -70,7 +70,7 @@ class DirichletPrior:
     alpha: float | tuple[float, ...] = 0.1
 
     def __post_init__(self) -> None:
-        values = self.alpha if isinstance(self.alpha, Sequence) else (self.alpha,)
+        values = self.alpha if isinstance(self.alpha, Sequence) and not isinstance(self.alpha, str) else (self.alpha,)
         for value in values:
             # Below MIN_ALPHA the Gamma sampler overflows, and every row is one-hot already.
             check_real(value, "alpha", MIN_ALPHA)

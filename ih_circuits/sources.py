@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ih_circuits.checks import check_int
+from ih_circuits.checks import check_int, check_tokens
 from ih_circuits.seeds import make_generator
 
 
@@ -94,18 +94,20 @@ class RepeatedTokens:
 
 
 def sample_tokens(source: DataSource, n: int, *, seed: int) -> Int[Tensor, "batch pos"]:
-    """``n`` sequences from ``source`` as a ``[n, seq_len]`` integer tensor (``.tokens`` unwrapped)."""
+    """``n`` sequences from ``source`` as a ``[n, seq_len]`` integer tensor (``.tokens`` unwrapped), checked before
+    any model sees them: integer ids in ``[0, source.vocab_size)``, exactly ``n`` rows of ``source.seq_len``."""
     sampled = source.sample(n, seed=seed)
     tokens = getattr(sampled, "tokens", sampled)
-    if (
-        not isinstance(tokens, Tensor)
-        or tokens.ndim != 2
-        or tokens.dtype.is_floating_point
-        or tokens.dtype == torch.bool
-    ):
+    what = f"{type(source).__name__}.sample({n})"
+    if not isinstance(tokens, Tensor):
         raise ValueError(
-            f"{type(source).__name__}.sample must return an integer tensor [n, seq_len] (or an object with "
-            f".tokens); got {type(tokens).__name__}"
-            + (f" of shape {tuple(tokens.shape)} and dtype {tokens.dtype}" if isinstance(tokens, Tensor) else "")
+            f"{what} must return an integer tensor [n, seq_len] (or an object with .tokens); got "
+            f"{type(tokens).__name__}"
+        )
+    check_tokens(tokens, source.vocab_size, f"the tokens of {what} (vocab_size={source.vocab_size})")
+    if tuple(tokens.shape) != (n, source.seq_len):
+        raise ValueError(
+            f"{what} returned tokens of shape {tuple(tokens.shape)}, but its seq_len={source.seq_len} promises "
+            f"({n}, {source.seq_len}); return n rows of seq_len tokens, or correct seq_len"
         )
     return tokens.long()

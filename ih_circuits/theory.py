@@ -25,7 +25,8 @@ kernel, come from one of two paths:
 so vocabulary-3 calls are exact. Both paths draw the same kernels from ``seed`` (the windows have their own
 stream), so they differ only by the Monte Carlo path's sampling noise; the per-kernel tables on
 ``SelectionScores`` allow paired comparisons. Work is chunked over kernels to about ``memory.CHUNK_BYTES``; a
-step too large for one kernel is refused with ``MemoryBudgetError`` before anything is allocated.
+step too large for one kernel is refused with ``MemoryBudgetError`` before anything is allocated, and a call
+``estimated_seconds`` puts above ``PROGRESS_SECONDS`` shows a progress bar over the kernels.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ BURN_IN_MAX_STEPS = 2000
 # within-kernel noise is part of the standard error, and dominates it at vocabulary 50.
 DEFAULT_KERNELS = {"exact": 2000, "monte_carlo": 500}
 DEFAULT_SAMPLES = 20_000
+# Seconds per kernel, for the estimate that decides whether to show a progress bar (measured on 2 cores): exact
+# enumeration about 1.2 ns per (subset, window) pair plus the O(states^3) solve (0.4 s at 2500 states); Monte Carlo
+# about 40 ns per (subset, sampled window) plus the start law (the solve, or about 100 burn-in steps over
+# d^(order+1) entries).
+EXACT_SECONDS_PER_PAIR, SOLVE_SECONDS_PER_CUBED_STATE = 1.2e-9, 4e-11
+MONTE_CARLO_SECONDS_PER_PAIR, BURN_IN_SECONDS_PER_ENTRY = 4e-8, 2e-7
+PROGRESS_SECONDS = 3.0
+# An explicit method="exact" estimated above this is refused, pointing to Monte Carlo or fewer kernels.
+EXACT_MAX_SECONDS = 600.0
 # Kernels are drawn in blocks of about this many entries (a constant, so the draws never depend on the memory
 # settings; 2000 vocabulary-3 kernels are one block, so the exact numbers are those of one batched draw).
 KERNEL_BLOCK_ENTRIES = 2**20
@@ -323,6 +333,20 @@ def _kernel_blocks(
         yield start, prior.sample_rows(min(block, n_kernels - start), n_rows, d_vocab, generator, torch.float64)
 
 
+def estimated_seconds(
+    method: str, d_vocab: int, order: int, window: int, n_subsets: int, n_kernels: int, n_samples: int | None
+) -> float:
+    """Rough wall time of ``selection_scores`` on 2 CPU cores (the constants above), for the progress bar."""
+    states = d_vocab**order if order else 0
+    if method == "exact" or states <= SOLVE_MAX_STATES:
+        start = SOLVE_SECONDS_PER_CUBED_STATE * states**3
+    else:
+        start = BURN_IN_SECONDS_PER_ENTRY * states * d_vocab
+    if method == "exact":
+        return n_kernels * (start + EXACT_SECONDS_PER_PAIR * n_subsets * d_vocab ** (window + 1))
+    return n_kernels * (start + MONTE_CARLO_SECONDS_PER_PAIR * n_subsets * (n_samples or DEFAULT_SAMPLES))
+
+
 def _sampling_generator(seed: int | None) -> torch.Generator:
     """The Monte Carlo windows' own stream, derived from ``seed`` (the kernels keep ``make_generator(seed)``)."""
     if seed is None:
@@ -462,13 +486,27 @@ def selection_scores(
     # One preallocated [subset, kernel] table each: small results kept between large temporaries fragment the heap.
     per_modified = torch.empty(len(candidates), n_kernels, dtype=torch.float64)
     per_chi2 = torch.empty_like(per_modified)
+    from tqdm.auto import tqdm
+
+    seconds = estimated_seconds(method, vocab_size, order, window, len(candidates), n_kernels, n_samples)
+    if method == "exact" and seconds > EXACT_MAX_SECONDS:
+        per_kernel = seconds / n_kernels
+        raise ValueError(
+            f"method='exact' at vocab_size={vocab_size} (a {vocab_size}^{order}-state stationary solve and "
+            f"{vocab_size}^{window + 1} windows per kernel) would take about {seconds / 60:.0f} min for {n_kernels} "
+            f"kernels on 2 cores; use method='monte_carlo' (or 'auto'), or n_kernels <= "
+            f"{int(EXACT_MAX_SECONDS / per_kernel)}"
+        )
     sampling = _sampling_generator(seed) if method == "monte_carlo" else None
-    for start, kernels in _kernel_blocks(prior, n_kernels, n_rows, vocab_size, kernel_stream):
-        out = (per_modified[:, start : start + len(kernels)], per_chi2[:, start : start + len(kernels)])
-        if sampling is None:
-            _exact_tables(kernels, parents, vocab_size, window, candidates, out)
-        else:
-            _monte_carlo_tables(kernels, parents, vocab_size, window, candidates, out, n_samples, sampling)
+    progress = tqdm(total=n_kernels, desc=f"theory ({method})", unit="kernel", disable=seconds < PROGRESS_SECONDS)
+    with progress:
+        for start, kernels in _kernel_blocks(prior, n_kernels, n_rows, vocab_size, kernel_stream):
+            out = (per_modified[:, start : start + len(kernels)], per_chi2[:, start : start + len(kernels)])
+            if sampling is None:
+                _exact_tables(kernels, parents, vocab_size, window, candidates, out)
+            else:
+                _monte_carlo_tables(kernels, parents, vocab_size, window, candidates, out, n_samples, sampling)
+            progress.update(len(kernels))
     return SelectionScores(
         modified=dict(zip(candidates, per_modified.mean(-1).tolist(), strict=True)),
         chi2=dict(zip(candidates, per_chi2.mean(-1).tolist(), strict=True)),

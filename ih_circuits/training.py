@@ -55,6 +55,8 @@ ATTENTION_BYTES_PER_ENTRY = 64
 
 GROUPS = ("copier_position", "copier_token", "selector", "classifier", "all")
 OPTIMIZERS = ("sgd", "adam")
+# The largest learning rate torch's optimizers accept for float32 parameters (the float32 maximum).
+MAX_LR = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class Stage:
         if not self.groups or any(g not in GROUPS for g in self.groups):
             raise ValueError(f"groups must be a non-empty subset of {GROUPS}; got {self.groups!r}")
         check_int(self.steps, "steps", 0)
-        check_real(self.lr, "lr", 0.0, low_open=True)
+        check_real(self.lr, "lr", 0.0, MAX_LR, low_open=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
 
@@ -125,7 +127,7 @@ class TrainConfig:
             raise ValueError(f"loss must be 'log' or 'legacy'; got {self.loss!r}")
         if self.data not in ("fresh", "fixed"):
             raise ValueError(f"data must be 'fresh' or 'fixed'; got {self.data!r}")
-        check_int(self.seed, "seed", 0)
+        check_int(self.seed, "seed", 0, 2**63 - 1, high_text="2**63 - 1")
 
     @property
     def total_steps(self) -> int:
@@ -336,6 +338,7 @@ class TrainingRun:
         optimizer_state = None
         if "optimizer.pt" in listed:
             optimizer_state = _read_optimizer_state(directory / "optimizer.pt", len(config.stages))
+            _check_optimizer_state(directory / "optimizer.pt", optimizer_state, model, config)
         return cls(
             model=model,
             task=task,
@@ -366,6 +369,26 @@ def _read_optimizer_state(path: Path, n_stages: int) -> dict[str, Any]:
     if not isinstance(state.get("state"), dict):
         raise ValueError(f"{path}: state must be an optimizer state_dict")
     return state
+
+
+def _check_optimizer_state(path: Path, state: dict[str, Any], model: nn.Module, config: TrainConfig) -> None:
+    """Raise ``ValueError`` unless ``state`` loads into its stage's optimizer with every per-parameter tensor
+    (Adam's moments) shaped like its parameter: torch's ``load_state_dict`` checks only the counts, and a
+    wrong-sized moment would fail at the first resumed step, or broadcast silently."""
+    index = state["stage"]
+    params = parameter_groups(model, config.stages[index].groups)
+    optimizer = _make_optimizer(config.stages[index], params)
+    try:
+        optimizer.load_state_dict(state["state"])
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"{path}: the optimizer state does not fit stage {index}'s parameters: {error}") from None
+    for number, param in enumerate(params):
+        for name, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, Tensor) and value.dim() and value.shape != param.shape:
+                raise ValueError(
+                    f"{path}: the optimizer's {name} for parameter {number} of stage {index} has shape "
+                    f"{tuple(value.shape)}, but the parameter has shape {tuple(param.shape)}"
+                )
 
 
 class _Evaluator:

@@ -14,6 +14,7 @@ from ih_circuits import IHTransformer, NGramTask, TrainConfig, TrainingRun
 from ih_circuits.checkpoint import MANIFEST, write_manifest
 from ih_circuits.cli import main
 from ih_circuits.history import history_columns
+from ih_circuits.training import _make_optimizer, parameter_groups
 from tests.model.helpers import tiny_config
 
 TASK = NGramTask(vocab_size=3, parents=(1, 2), seq_len=20)
@@ -27,8 +28,11 @@ def filled_run(value: float, step: int) -> TrainingRun:
             parameter.fill_(value)
     text = {"stage": "s", "leading_subset": "(0, 1)", "leading_lags": "(1, 2)", "predicted_lags": "(1, 2)"}
     history = pd.DataFrame([{**{c: value for c in history_columns(model)}, **text, "step": step}])
-    optimizer_state = {"stage": 0, "state": {"state": {}, "param_groups": [{"lr": value, "params": []}]}}
-    return TrainingRun(model, TASK, TrainConfig(), history=history, step=step, optimizer_state=optimizer_state)
+    config = TrainConfig()
+    optimizer = _make_optimizer(config.stages[0], parameter_groups(model, config.stages[0].groups))
+    optimizer.param_groups[0]["lr"] = value
+    optimizer_state = {"stage": 0, "state": optimizer.state_dict()}
+    return TrainingRun(model, TASK, config, history=history, step=step, optimizer_state=optimizer_state)
 
 
 def which_save(directory) -> int:
@@ -200,3 +204,81 @@ def test_saves_and_written_files_have_the_mode_a_plain_open_gives(tmp_path):
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*")}
     assert set(modes.values()) <= {0o644, 0o755}, modes
+
+
+def test_a_symbolic_link_is_refused_before_anything_is_written(tmp_path):
+    filled_run(1.0, 1).save(tmp_path / "run")
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"link: it is a symbolic link \(to .*run\); .* give the real directory"):
+        filled_run(2.0, 2).save(tmp_path / "link", overwrite=True)
+    assert which_save(tmp_path / "run") == 1 and (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "run"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(format=99), r"format 99 is not one this version reads \(format 1\)"),
+        (lambda m: m.update(files=[]), r"files must map every saved file to its bytes and sha256"),
+        (lambda m: m.update(files={}), r"files must map every saved file .*\(at least one file\)"),
+        (lambda m: m["files"].update({"x": {"bytes": 1}}), r"files must map every saved file"),
+        (lambda m: m.pop("format"), r"manifest.json is unreadable \(KeyError: 'format'\); a manifest holds format"),
+    ],
+)
+def test_a_manifest_with_unknown_format_or_empty_files_is_refused(tmp_path, edit, message):
+    filled_run(1.0, 1).save(tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
+    edit(manifest)
+    (tmp_path / "run" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message):
+        TrainingRun.load(tmp_path / "run")
+
+
+def test_a_save_clears_only_its_own_and_dead_writers_staging_directories(tmp_path):
+    """Another writer that is still running (here: this test's parent process) keeps its staging directory; one
+    left by a process that no longer exists, or by an older version without a process id, is removed."""
+    live = tmp_path / f".run.saving-{os.getppid()}-abcd"
+    gone = subprocess_pid_that_exited()
+    dead, older = tmp_path / f".run.saving-{gone}-abcd", tmp_path / ".run.saving-k2j4x8"
+    for path in (live, dead, older):
+        path.mkdir()
+    filled_run(1.0, 1).save(tmp_path / "run")
+    filled_run(2.0, 2).save(tmp_path / "run", overwrite=True)
+    assert live.is_dir() and not dead.exists() and not older.exists()
+    assert which_save(tmp_path / "run") == 2
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_full_disk_is_one_clear_error_and_the_previous_save_survives(tmp_path):
+    """Writes fail with EFBIG past a file-size limit (the kernel's stand-in for a full disk), in a forked child."""
+    import resource
+
+    filled_run(1.0, 1).save(tmp_path / "run")
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+        try:
+            filled_run(2.0, 2).save(tmp_path / "run", overwrite=True)
+            message = "saved"
+        except Exception as error:  # noqa: BLE001 - the parent checks the type and message
+            message = f"{type(error).__name__}: {error}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    message = os.read(read, 4096).decode()
+    os.close(read)
+    assert message.startswith("SaveError: saving to ") and str(tmp_path / "run") in message, message
+    assert "File too large; nothing was replaced (a previous save there is intact)" in message
+    assert which_save(tmp_path / "run") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -175,3 +175,41 @@ def test_a_diverged_run_is_saved_and_reported_in_one_line(tmp_path, capsys, monk
     assert "training loss became nan at step 2" in line and f"saved to {tmp_path / 'run'}" in line
     kept = TrainingRun.load(tmp_path / "run")
     assert kept.step == 2 and all(torch.isfinite(p).all() for p in kept.model.parameters())
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_1(capsys, monkeypatch):
+    """The command's modules (torch among them) load inside main's handler: a Ctrl-C while they load, here as
+    the theory module is imported, is the command's own "interrupted", not a traceback."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "ih_circuits.theory":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    assert main(["theory", "--vocab-size", "3", "--parents", "1,2"]) == 1
+    assert capsys.readouterr().err == "ih-circuits theory: interrupted\n"
+
+
+@pytest.mark.e2e  # fresh interpreters
+def test_the_command_module_loads_without_torch_and_a_sigint_during_start_up_is_clean():
+    """Importing ih_circuits and its command line loads no torch (names load on first use), so the only
+    unguarded start-up is Python's own; a SIGINT half a second in lands while torch loads, inside main."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = "import sys, ih_circuits, ih_circuits.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    command = [sys.executable, "-c", "import sys; from ih_circuits.cli import main; sys.exit(main())", "theory"]
+    arguments = ["--vocab-size", "3", "--parents", "1,2", "--n-kernels", "200000"]  # seconds of work after start-up
+    child = subprocess.Popen([*command, *arguments], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert (child.returncode, err) == (1, "ih-circuits theory: interrupted\n")

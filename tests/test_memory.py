@@ -64,9 +64,34 @@ def test_limit_names_what_to_change(limit):
     limit("1MB")
     with pytest.raises(ValueError, match=r"above the memory limit of 1\.0 MB; lower vocab_size or window"):
         selection_scores(10, (1, 2), n_kernels=10, window=3)
-    with pytest.raises(ValueError, match="max_degree or n_heads"):
-        model = ih.IHTransformer(ih.IHConfig(d_vocab=3, n_ctx=101, n_heads=3, window=3, max_degree=2))
+    model = ih.IHTransformer(ih.IHConfig(d_vocab=3, n_ctx=101, n_heads=3, window=3, max_degree=2))
+    with pytest.raises(ValueError, match="lower the batch size or the sequence length, or hook fewer layers"):
         model.run_with_cache(torch.zeros(64, 101, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("names", "maps"),
+    [(None, 19), ("blocks.0.attn.hook_pattern", 6), ("blocks.0.mlp.hook_kernel", 11), ("blocks.1.attn.hook_z", 6)],
+)
+def test_a_hooked_forward_estimates_its_dense_maps_first(limit, names, maps):
+    """n_ctx 4000 at batch 64: each [batch, pos, pos] float32 map is 4.1 GB; a cache keeps every one that its
+    hooked layers build (layer 1: 2 per head; the selector: a similarity per head, the kernel and, when hooked,
+    one per subset; layer 2: 2). Refused before anything is allocated; the unhooked forward needs no such map."""
+    limit("4GB")
+    model = ih.IHTransformer(ih.IHConfig(d_vocab=3, n_ctx=4000, n_heads=3, window=3, max_degree=2))
+    tokens = torch.zeros(64, 4000, dtype=torch.long)
+    needed = maps * 64 * 4000**2 * 4 / 1e9
+    refusal = rf"builds {maps} \[batch, pos, pos\] maps and needs about {needed:.1f}"
+    with pytest.raises(ih.MemoryBudgetError, match=refusal):
+        model.run_with_cache(tokens, names_filter=names)
+    assert model(tokens[:, :200], return_type="loss").isfinite()
+
+
+def test_sampling_long_sequences_counts_the_tokens(limit):
+    """10^7 positions x 64 sequences: the uniforms, the rolled int8 tokens and the int64 result (9 GB)."""
+    limit("4GB")
+    with pytest.raises(ih.MemoryBudgetError, match=r"64 sequences of 10000000 tokens needs about 9\.0 GB.*seq_len"):
+        NGramTask(3, (1,), 10**7).sample(64, seed=0)
 
 
 def test_exact_theory_at_a_large_window_is_refused():

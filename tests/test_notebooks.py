@@ -260,7 +260,7 @@ def test_06_probe_your_own_model():
 def test_07_theory_vs_practice_at_scale():
     run = execute("07_theory_vs_practice_at_scale.ipynb", {"statuses": "results['status'].tolist()"})
     assert run.values["statuses"] == ["ok"] * 4 and "4 runs, 4 finished" in run.outputs[3]
-    assert "['results.csv', 'runs', 'sweep.json'] 4 run directories" in run.outputs[3]
+    assert "['.lock', 'results.csv', 'runs', 'sweep.json'] 4 run directories" in run.outputs[3]
     # "Running the same spec into the same directory again trains nothing": 4 runs take seconds to train; the
     # re-run measured 0.0 s.
     assert "same table: True" in run.outputs[5]

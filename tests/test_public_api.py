@@ -1,5 +1,6 @@
 """The public surface: what README documents is importable, and nothing heavy loads on import."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -61,3 +62,14 @@ def test_notebook_progress_bars_are_widgets_not_warnings():
         bar.update(2)
         bar.close()
     assert type(bar.container).__name__ == "TqdmHBox"
+
+
+def test_every_public_name_has_one_home_and_loads_on_first_use():
+    """``__all__`` is exactly the lazily loaded names (each from the module that defines it), the submodules and
+    the version; an unknown name is an AttributeError, as for any module."""
+    homes = set(ih_circuits._HOME_OF) | set(ih_circuits._SUBMODULES) | {"__version__"}
+    assert homes == set(ih_circuits.__all__) and len(ih_circuits.__all__) == len(set(ih_circuits.__all__))
+    for name, module in ih_circuits._HOME_OF.items():
+        assert getattr(ih_circuits, name) is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="has no attribute 'NGramTasks'"):
+        ih_circuits.NGramTasks  # noqa: B018

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import ih_circuits as ih
 from ih_circuits import NGramTask
 from ih_circuits.sources import DataSource, RepeatedTokens, sample_tokens
 
@@ -45,5 +46,39 @@ def test_bad_sources_and_arguments_are_refused():
         RepeatedTokens(vocab_size=1, seq_len=20)
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         RepeatedTokens(4, 40).sample(0, seed=0)
-    with pytest.raises(ValueError, match="_FloatSource.sample must return an integer tensor"):
+    with pytest.raises(ValueError, match=r"the tokens of _FloatSource.sample\(2\) .* must have an integer dtype"):
         sample_tokens(_FloatSource(), 2, seed=0)
+
+
+class _Source:
+    """A source whose ``sample`` returns whatever ``make(n)`` builds."""
+
+    vocab_size, seq_len = 4, 10
+
+    def __init__(self, make):
+        self.make = make
+
+    def sample(self, n, *, seed=None):
+        return self.make(n)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda n: torch.full((n, 10), 4), r"\(vocab_size=4\) must be integers in \[0, d_vocab=4\); got min 4, max 4"),
+        (lambda n: torch.full((n, 10), -1), r"must be integers in \[0, d_vocab=4\); got min -1"),
+        (lambda n: torch.zeros(n, 9, dtype=torch.long), r"shape \(2, 9\), but its seq_len=10 promises \(2, 10\)"),
+        (lambda n: torch.zeros(n + 1, 10, dtype=torch.long), r"shape \(3, 10\), but its seq_len=10 promises"),
+        (lambda n: torch.zeros(n * 10, dtype=torch.long), r"must have shape \[batch, pos\]; got \(20,\)"),
+        (lambda n: torch.zeros(n, 10, 2, dtype=torch.long), r"must have shape \[batch, pos\]; got \(2, 10, 2\)"),
+        (lambda n: [[0] * 10] * n, r"_Source.sample\(2\) must return an integer tensor .*; got list"),
+    ],
+)
+@pytest.mark.usefixtures("without_runtime_typecheck")
+def test_tokens_from_a_source_are_checked_before_any_model_sees_them(make, message):
+    """Range, rank and length, whatever the probes or the trainer then do with them."""
+    with pytest.raises(ValueError, match=message):
+        sample_tokens(_Source(make), 2, seed=0)
+    model = ih.IHTransformer(ih.IHConfig(d_vocab=4, n_ctx=10))
+    with pytest.raises(ValueError, match=message):
+        ih.baselines.train_on_source(model, _Source(make), steps=1, batch_size=2)

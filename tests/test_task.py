@@ -173,3 +173,19 @@ def test_bad_sample_arguments(paper_task):
         paper_task.sample(0, seed=0)
     with pytest.raises(ValueError, match="either seed or generator"):
         paper_task.sample(2, seed=0, generator=torch.Generator())
+
+
+def test_a_long_chain_shows_progress_and_a_short_one_does_not(monkeypatch, capsys):
+    """The estimate, (positions) x (20 us + 20 ns x batch), against PROGRESS_SECONDS (3 s): 10^5 positions at batch
+    64 is about 2.1 s (no bar), 2 x 10^5 about 4.3 s (a bar). Checked on the estimate, with the threshold moved
+    instead of waiting: no timing here."""
+    from ih_circuits import task as task_module
+
+    seconds = 200_000 * (task_module.SECONDS_PER_POSITION + 64 * task_module.SECONDS_PER_TOKEN)
+    assert seconds > task_module.PROGRESS_SECONDS > 100_000 * (task_module.SECONDS_PER_POSITION + 64e-8)
+    NGramTask(3, (1, 2), 2000).sample(4, seed=0)
+    assert "sample" not in capsys.readouterr().err
+    monkeypatch.setattr(task_module, "PROGRESS_SECONDS", 0.0)
+    batch = NGramTask(3, (1, 2), 2000).sample(4, seed=0)
+    assert "sample: " in capsys.readouterr().err
+    assert torch.equal(batch.tokens, NGramTask(3, (1, 2), 2000).sample(4, seed=0).tokens)  # the bar changes nothing

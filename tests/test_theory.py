@@ -205,3 +205,37 @@ def test_scores_as_a_table_keep_every_lag_set_and_value():
     assert table["modified"].tolist() == list(scores.modified.values())
     assert table["chi2_stderr"].tolist() == [scores.chi2_stderr[s] for s in scores.modified]
     assert table["size"].tolist() == [len(s) for s in scores.modified]
+
+
+@pytest.mark.parametrize(
+    ("method", "vocab_size", "parents", "window", "quick"),
+    [("exact", 3, (1, 2), 2, True), ("exact", 50, (1, 2), 2, False), ("monte_carlo", 3, (1, 9), 9, False)],
+)
+def test_long_theory_calls_show_progress(method, vocab_size, parents, window, quick):
+    """The estimate decides the bar: vocabulary 3 is instant; vocabulary 50 solves a 2500-state chain per kernel
+    (2000 kernels: minutes), and parents (1, 9) sample 512 subsets per window (minutes). Only the estimate is
+    checked here (no timing); test_the_progress_bar_runs_over_the_kernels shows the bar."""
+    from ih_circuits.theory import DEFAULT_KERNELS, PROGRESS_SECONDS, estimated_seconds
+
+    subsets = 2**window
+    seconds = estimated_seconds(method, vocab_size, max(parents), window, subsets, DEFAULT_KERNELS[method], None)
+    assert (seconds < PROGRESS_SECONDS) == quick
+
+
+def test_the_progress_bar_runs_over_the_kernels(monkeypatch, capsys):
+    from ih_circuits import theory
+
+    theory.selection_scores(3, (1, 2), n_kernels=40, window=2, method="exact")
+    assert "theory" not in capsys.readouterr().err
+    monkeypatch.setattr(theory, "PROGRESS_SECONDS", 0.0)
+    theory.selection_scores(3, (1, 2), n_kernels=40, window=2, method="exact")
+    assert "theory (exact): 100%" in capsys.readouterr().err
+
+
+def test_an_exact_call_estimated_past_ten_minutes_is_refused_with_what_would_fit():
+    """Vocabulary 50, parents (1, 2): 2000 kernels, each a 2500-state solve (about 0.6 s): refused, naming the
+    Monte Carlo method and the kernel count that fits in EXACT_MAX_SECONDS."""
+    with pytest.raises(
+        ValueError, match=r"method='exact' at vocab_size=50 .* would take about \d+ min .* n_kernels <= \d+"
+    ):
+        selection_scores(50, (1, 2), 0.1, method="exact")

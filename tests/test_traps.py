@@ -145,8 +145,45 @@ def test_the_controls_say_why_when_they_cannot_compare(without_runtime_typecheck
         (lambda model, task, tokens: ih.IHConfig(3, 24, 3, device="tpu"), "device must be a device such as"),
         (lambda model, task, tokens: ih.views.attention_view(model, tokens, 0, last=0), "last must be an integer >= 1"),
         (lambda model, task, tokens: ih.views.attention_view(model, tokens, 0), "tokens must be one sequence"),
+        (lambda model, task, tokens: task.sample(4, seed=0, device="meta"), "device='meta' holds no values"),
+        (lambda model, task, tokens: task.sample(4, seed=0, device="nonsense"), "device must be a device such as"),
+        (
+            lambda model, task, tokens: ih.IHConfig(3, 24, 3, seed=2**64),
+            r"seed must be an integer in \[0, 2\*\*63 - 1\]",
+        ),
+        (lambda model, task, tokens: ih.TrainConfig(seed=2**64), r"seed must be an integer in \[0, 2\*\*63 - 1\]"),
+        (lambda model, task, tokens: ih.Stage(("all",), lr=1e300), r"lr must be a finite number in \(0.0, 3.40"),
+        (
+            lambda model, task, tokens: ih.oracle_predictive(tokens, torch.ones(32, 4, 3) / 3, (1, 2)),
+            r"kernels must have shape \[batch, d\^\|parents\|, d\] = \[32, 9, 3\] .*; got \[32, 4, 3\]",
+        ),
+        (lambda model, task, tokens: ih.NGramTask(3, (1,), 10, alpha="0.1"), r"alpha must be a finite .*; got '0.1'"),
+        (
+            lambda model, task, tokens: ih.model_averaging(tokens, candidates="12"),
+            r"candidates must be a non-empty list of lag sets such as \[\(1,\), \(1, 2\)\]; got '12'",
+        ),
+        (
+            lambda model, task, tokens: ih.bayes_predictive(tokens, (1,), 1.0, d_vocab=0),
+            "d_vocab must be an integer >= 2",
+        ),
     ],
-    ids=["seed 2**64", "generator str", "device meta", "device tpu", "view last 0", "view of a batch"],
+    ids=[
+        "seed 2**64",
+        "generator str",
+        "device meta",
+        "device tpu",
+        "view last 0",
+        "view of a batch",
+        "sample on meta",
+        "sample on nonsense",
+        "model seed 2**64",
+        "training seed 2**64",
+        "lr 1e300",
+        "oracle kernels of the wrong shape",
+        "alpha as text",
+        "candidates as text",
+        "d_vocab 0",
+    ],
 )
 def test_raw_errors_of_the_edge_battery_are_clear(setup, call, message):
     model, task, tokens = setup

@@ -16,6 +16,10 @@ from ih_circuits.checks import check_int, check_real, parse_device
 COPIERS = ("positional", "full")
 LAYOUTS = ("shared", "staggered")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# The classifier's scale a multiplies kernel values whose float32 rounding is about 1e-7, so the routes that compute
+# K differently (window table, fused features, the hooked dense path) agree to 1e-6 nats up to |a| = 1e4 and drift
+# beyond (1e-4 at 1e6, 0.05 at 1e12 on the every-row loss); trained models reach a of order 10.
+MAX_CLASSIFIER_SCALE = 1e4
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class IHConfig:
         w_plus, w_minus: initial position logits: head h starts at w_plus on its own lag (lag h+1 for the
             0-based head h; the first slot of its window when staggered) and w_minus elsewhere.
         c_init: initial value of every selector coefficient c_S.
-        a_init: initial classifier scale a.
+        a_init: initial classifier scale a, |a| <= ``MAX_CLASSIFIER_SCALE``.
         seed: seeds the random part of the initialisation (the full copier's token weights).
         prob_floor: eps in p_out = (1 - eps) p + eps / d, which keeps log-probabilities finite for tokens
             absent from the context (0 disables it).
@@ -69,14 +73,15 @@ class IHConfig:
         check_int(self.n_ctx, "n_ctx", 2)
         check_int(self.n_heads, "n_heads", 1)
         check_int(self.window, "window", 1)
-        check_int(self.seed, "seed", 0)
+        check_int(self.seed, "seed", 0, 2**63 - 1, high_text="2**63 - 1")
         check_int(self.max_degree, "max_degree", 0, self.n_heads, high_text=f"n_heads={self.n_heads}")
         if self.copier not in COPIERS:
             raise ValueError(f"copier must be one of {COPIERS}; got {self.copier!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}; got {self.layout!r}")
-        for name in ("w_plus", "w_minus", "c_init", "a_init"):
+        for name in ("w_plus", "w_minus", "c_init"):
             check_real(getattr(self, name), name)
+        check_real(self.a_init, "a_init", -MAX_CLASSIFIER_SCALE, MAX_CLASSIFIER_SCALE)
         check_real(self.prob_floor, "prob_floor")
         if not 0 <= self.prob_floor < 1:
             raise ValueError(f"prob_floor must be in [0, 1); got {self.prob_floor}")

@@ -38,10 +38,10 @@ from transformer_lens.hook_points import HookPoint
 from ih_circuits.chain import validate_lags
 from ih_circuits.checkpoint import atomic_directory, read_json, verify
 from ih_circuits.checks import check_device, check_real, check_tokens
-from ih_circuits.memory import memory_limit
+from ih_circuits.memory import check_memory, memory_limit
 from ih_circuits.model.cache import IHActivationCache
 from ih_circuits.model.classifier import Classifier
-from ih_circuits.model.config import IHConfig
+from ih_circuits.model.config import MAX_CLASSIFIER_SCALE, IHConfig
 from ih_circuits.model.copier import Copier, Lookup, all_windows, window_codes
 from ih_circuits.model.selector import Selector
 
@@ -195,9 +195,11 @@ class IHTransformer(HookedRootModule):
             return self._unhooked_log_probs(tokens, positions)
         # With hooks: every row, and each layer builds its dense activations when one of its hooks is attached
         # (so run_with_cache(names_filter=...) stays as light as the names it asks for).
-        embed = self.hook_embed(F.one_hot(tokens, self.config.d_vocab).to(self.copier.w_pos.dtype))
-        features = self.copier(embed, self._hooked("blocks.0.attn"))
+        copier_dense = self._hooked("blocks.0.attn")
         selector_dense, classifier_dense = self._hooked("blocks.0.mlp"), self._hooked("blocks.1.attn")
+        self._check_dense_memory(tokens.shape[0], n_pos, copier_dense, selector_dense, classifier_dense)
+        embed = self.hook_embed(F.one_hot(tokens, self.config.d_vocab).to(self.copier.w_pos.dtype))
+        features = self.copier(embed, copier_dense)
         if selector_dense or classifier_dense:
             kernel = self.selector(features, features, selector_dense)
             rows = torch.arange(n_pos, device=tokens.device)
@@ -206,6 +208,22 @@ class IHTransformer(HookedRootModule):
             log_probs = self._every_row(features, embed)
         log_probs = self.hook_log_probs(log_probs)
         return log_probs[:, n_pos - 2 : n_pos - 1] if positions == "last" else log_probs
+
+    def _check_dense_memory(self, batch: int, n_pos: int, copier: bool, selector: bool, classifier: bool) -> None:
+        """Refuse (``MemoryBudgetError``) a hooked forward whose [batch, pos, pos] maps would exceed the memory
+        limit: a cache keeps every one. Layer 1 builds scores and pattern per head (2H maps); the selector the
+        per-head similarities and the kernel (H + 1), and its subset stack when hooked; layer 2 scores and
+        pattern (2)."""
+        cfg = self.config
+        maps = 2 * cfg.n_heads if copier else 0
+        if selector or classifier:
+            maps += cfg.n_heads + 1 + (len(cfg.subsets) if selector else 0)
+        maps += 2 if classifier else 0
+        check_memory(
+            maps * batch * n_pos * n_pos * self.copier.w_pos.element_size(),
+            f"a hooked forward over {batch} sequences of {n_pos} tokens builds {maps} [batch, pos, pos] maps and",
+            "the batch size or the sequence length, or hook fewer layers (run_with_cache(names_filter=...))",
+        )
 
     def _unhooked_log_probs(
         self, tokens: Int[Tensor, "batch pos"], positions: str
@@ -271,7 +289,13 @@ class IHTransformer(HookedRootModule):
         width = sum(self.config.d_vocab ** len(subset) for subset in self.config.subsets)
         if width <= MAX_FEATURE_WIDTH:
             return self.classifier.attend(self.selector.feature_map(features), embed)
-        rows = torch.arange(features.shape[1], device=features.device)
+        batch, n_pos = features.shape[:2]
+        check_memory(
+            (self.config.n_heads + 3) * batch * n_pos * n_pos * features.element_size(),
+            f"every row through the kernel K over {batch} sequences of {n_pos} tokens (selector width {width})",
+            "the batch size or the sequence length, or use the query row (loss_positions='last')",
+        )
+        rows = torch.arange(n_pos, device=features.device)
         return self.classifier(self.selector(features, features, False), embed, rows, False)
 
     def window_kernel_table(self) -> Float[Tensor, "code code"]:
@@ -409,6 +433,12 @@ class IHTransformer(HookedRootModule):
                 )
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{directory / WEIGHTS_FILE}: parameter {name} holds non-finite values")
+        scale = weights.get("blocks.1.attn.a")
+        if scale is not None and scale.abs().max() > MAX_CLASSIFIER_SCALE:
+            raise ValueError(
+                f"{directory / WEIGHTS_FILE}: the classifier scale a = {scale.flatten()[0].item():.3g} is outside "
+                f"[-{MAX_CLASSIFIER_SCALE:g}, {MAX_CLASSIFIER_SCALE:g}] (beyond it float32 routes disagree)"
+            )
         model.load_state_dict(weights)
         return model
 
@@ -433,7 +463,7 @@ def ideal_model(cfg: IHConfig, lags: tuple[int, ...] = (1, 2), a: float = 5.0) -
             f"lags {lags} need {len(lags)} heads and max_degree >= {len(lags)}; "
             f"the config has n_heads={cfg.n_heads}, max_degree={cfg.max_degree}"
         )
-    check_real(a, "a")
+    check_real(a, "a", -MAX_CLASSIFIER_SCALE, MAX_CLASSIFIER_SCALE)
     model = IHTransformer(cfg)
     table = cfg.lag_table
     with torch.no_grad():

@@ -1,8 +1,8 @@
 """A self-contained HTML report of a sweep directory: does the theory's prediction match what training selects?
 
 One file, no network requests (figures are inline PNGs, the style is inline), in the style of the per-run
-report (``ih_circuits.reporting``). It reads only ``sweep.json`` and ``results.csv``, so it needs no training
-and no saved model.
+report (``ih_circuits.reporting``). It reads ``sweep.json`` and the runs' checksummed records (``collect``), not
+``results.csv``: a hand-edited or damaged table cannot change the report. It needs no training and loads no model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pandas as pd
 from ih_circuits.checkpoint import atomic_write_text, check_output_file
 from ih_circuits.reporting import figures_html, html_page
 from ih_circuits.sweep.plots import agreement_summary, plot_excess_loss_map, plot_margin, plot_theory_map
-from ih_circuits.sweep.results import agreement_rate, cell_table, disagreements, load_results
+from ih_circuits.sweep.results import agreement_rate, cell_table, disagreements
+from ih_circuits.sweep.runner import collect
 from ih_circuits.sweep.store import read_spec
 
 REPORT_FILE = "report.html"
@@ -80,17 +81,18 @@ def sweep_report(directory: str | Path, output: str | Path | None = None) -> Pat
 
     Contents: how to read it; the agreement rate (selected = predicted, over finished runs); the theory map,
     the excess-loss map and the margin plot (``ih_circuits.sweep.plots``); the disagreeing and failed runs; the
-    per-cell table (``cell_table``); the spec; every run (``results.csv``). Missing values are explained or
-    left blank. Reads ``sweep.json`` and ``results.csv`` only; the file is written atomically.
+    per-cell table (``cell_table``); the spec; every run (its record). Missing values are explained or left
+    blank. Reads ``sweep.json`` and the run records, whose manifests are checked (a damaged record counts as a
+    run not finished); the file is written atomically.
 
     Raises:
-        ValueError: ``directory`` is not a sweep directory or has no ``results.csv``, or ``output`` cannot be
+        ValueError: ``directory`` is not a sweep directory or holds no finished run, or ``output`` cannot be
             written (both checked before any figure is drawn).
     """
     directory = Path(directory)
     spec = read_spec(directory)
     path = check_output_file(directory / REPORT_FILE if output is None else output)
-    results = load_results(directory)
+    results = collect(directory)
     cells = cell_table(results)
     finished = int((results["status"] == "ok").sum())
     figures = [
@@ -101,8 +103,9 @@ def sweep_report(directory: str | Path, output: str | Path | None = None) -> Pat
     everywhere = agreement_rate(results) == 1.0
     body = f"""
 <h1>Sweep report: theory vs practice</h1>
-<p class="note">{html.escape(str(directory))}: preset {html.escape(spec.preset)}, {len(cells)} grid cells x
-{len(spec.seeds)} seeds = {len(results)} runs, {finished} finished.</p>
+<p class="note">{html.escape(str(directory))}: preset {html.escape(spec.preset)}, {spec.n_runs // len(spec.seeds)}
+grid cells x {len(spec.seeds)} seeds = {spec.n_runs} runs: {finished} finished, {len(results) - finished} failed,
+{spec.n_runs - len(results)} not run yet (or with a damaged record; the same sweep command runs them).</p>
 <h2>How to read this report</h2>
 {HOW_TO_READ}
 <h2>Agreement</h2>

@@ -66,13 +66,26 @@ def write_results(directory: str | Path, frame: pd.DataFrame) -> Path:
 
 
 def load_results(directory: str | Path) -> pd.DataFrame:
-    """Read ``results.csv`` of a sweep directory (or the file itself) with lag sets kept as text (``""`` = empty)."""
+    """Read ``results.csv`` of a sweep directory (or the file itself) with lag sets kept as text (``""`` = empty).
+
+    The table is a convenience copy for pandas, spreadsheets and other tools; ``collect(DIRECTORY)`` rebuilds it
+    from the checksummed run records, which the report reads. A file without the table's columns is refused.
+    """
     path = Path(directory)
     if path.is_dir():
         path = path / RESULTS_FILE
     if not path.is_file():
         raise ValueError(f"{path} does not exist: run the sweep first (ih-circuits sweep SPEC --out DIR)")
-    header = pd.read_csv(path, nrows=0).columns
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a results table: {error}") from None
+    missing = [c for c in ("run_id", *OUTCOME_COLUMNS) if c not in header]
+    if missing:
+        raise ValueError(
+            f"{path} is not a results table: it lacks the columns {missing}; rebuild it from the run records with "
+            "ih_circuits.sweep.collect(DIRECTORY)"
+        )
     text = {c: str for c in header if c in TEXT_COLUMNS or c in LAG_COLUMNS}
     return pd.read_csv(
         path, dtype=text, keep_default_na=False, na_values={c: ["", "nan"] for c in header if c not in text}

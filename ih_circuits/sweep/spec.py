@@ -18,6 +18,9 @@ A spec is a Python dict or a TOML file with the same keys::
 
 Overrides are those of ``preset_parts`` (task, model, training and stage fields). A run is one cell and one
 seed; its id names its values, e.g. ``alpha=0.05_parents=1,2_seed=0``, and is its directory in the sweep.
+
+A spec with more runs (cells x seeds) than ``max_runs`` (default ``DEFAULT_MAX_RUNS``) is refused before the
+grid is expanded; every cell is built once (model, task, training config) as a check.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ else:
     import tomli as tomllib
 
 SPEC_KEYS = {"preset", "seeds", "steps", "grid", "fixed", "probe"}
+# The most runs a spec may expand to unless the caller raises it (run_sweep(max_runs=...), --max-runs): ten
+# thousand runs of the example's size take about 14 hours on 2 cores.
+DEFAULT_MAX_RUNS = 10_000
 PROBE_KEYS = {"n_sequences"}
 
 
@@ -89,8 +95,11 @@ class SweepSpec:
     n_sequences: int = 256
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SweepSpec:
-        """Build and validate a spec; every run's model, task and training config is built once as a check."""
+    def from_dict(cls, data: Mapping[str, Any], *, max_runs: int | None = DEFAULT_MAX_RUNS) -> SweepSpec:
+        """Build and validate a spec; every cell's model, task and training config is built once as a check.
+
+        ``max_runs``: refuse a spec of more runs (``None``: no limit), counted before anything is expanded.
+        """
         if not isinstance(data, Mapping):
             raise ValueError(f"a sweep spec must be a mapping; got {type(data).__name__}")
         unknown = set(data) - SPEC_KEYS
@@ -105,10 +114,10 @@ class SweepSpec:
         if (
             not isinstance(seeds, (list, tuple))
             or not seeds
-            or not all(is_int(s) and s >= 0 for s in seeds)
+            or not all(is_int(s) and 0 <= s <= 2**63 - 1 for s in seeds)
             or len(set(seeds)) != len(seeds)
         ):
-            raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0; got {seeds!r}")
+            raise ValueError(f"seeds must be a non-empty list of distinct integers in [0, 2**63 - 1]; got {seeds!r}")
         grid = data.get("grid", {})
         if not isinstance(grid, Mapping):
             raise ValueError(f"grid must be a table of override name -> list of values; got {grid!r}")
@@ -131,6 +140,13 @@ class SweepSpec:
             raise ValueError(f"probe must be a table with keys from {sorted(PROBE_KEYS)}; got {probe!r}")
         n_sequences = probe.get("n_sequences", 256)
         check_int(n_sequences, "probe.n_sequences", 16)
+        n_runs = math.prod(len(values) for values in grid.values()) * len(seeds)
+        if max_runs is not None and n_runs > check_int(max_runs, "max_runs (or None)", 1):
+            raise ValueError(
+                f"the spec has {n_runs} runs ({n_runs // len(seeds)} cells x {len(seeds)} seeds), above "
+                f"max_runs={max_runs}; shrink the grid or the seeds, or raise max_runs (run_sweep(max_runs=...), "
+                "--max-runs)"
+            )
         spec = cls(
             preset=preset,
             seeds=tuple(seeds),
@@ -142,8 +158,8 @@ class SweepSpec:
         return spec
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> SweepSpec:
-        """Read a TOML spec (see the module docstring); errors name the file."""
+    def from_toml(cls, path: str | Path, *, max_runs: int | None = DEFAULT_MAX_RUNS) -> SweepSpec:
+        """Read a TOML spec (see the module docstring; ``max_runs`` as in ``from_dict``); errors name the file."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"sweep spec {path} does not exist")
@@ -152,7 +168,7 @@ class SweepSpec:
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"{path} is not valid TOML: {error}") from None
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, max_runs=max_runs)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
 
@@ -179,9 +195,15 @@ class SweepSpec:
             for seed in self.seeds
         ]
 
+    @property
+    def n_runs(self) -> int:
+        """Cells x seeds, without expanding the grid."""
+        return math.prod(len(values) for values in self.grid.values()) * len(self.seeds)
+
     def _check_runs(self) -> None:
+        """Build every cell once (its first seed: the seed changes only the initial weights), then check the ids."""
         runs = self.runs()
-        for run in runs:
+        for run in runs[:: len(self.seeds)]:
             try:
                 preset_parts(run.preset, seed=run.seed, **run.overrides())
             except (ValueError, TypeError) as error:

@@ -65,6 +65,8 @@ BAD_VALUES = [
     ("w_minus", -math.inf),
     ("c_init", math.nan),
     ("a_init", math.inf),
+    ("a_init", 1.5e4),
+    ("a_init", -1e30),
     ("prob_floor", -0.1),
     ("prob_floor", 1.0),
     ("prob_floor", math.nan),
@@ -116,7 +118,7 @@ def test_max_degree_must_fit_the_number_of_heads(n_heads):
 AWKWARD = [
     tiny_config(),
     tiny_config(copier="full", layout="staggered", dtype="float64", seed=2**40, n_ctx=10_001),
-    tiny_config(w_plus=1 / 3, w_minus=-0.1, c_init=5e-324, a_init=1e308, prob_floor=math.nextafter(1.0, 0.0)),
+    tiny_config(w_plus=1 / 3, w_minus=-0.1, c_init=5e-324, a_init=1e4, prob_floor=math.nextafter(1.0, 0.0)),
     tiny_config(w_plus=-0.0, w_minus=2.0**-1074, c_init=0.1 + 0.2, a_init=-7.0, prob_floor=0.0, max_degree=0),
     tiny_config(n_heads=1, window=1, max_degree=1, d_vocab=2, device="cuda:1"),
 ]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ih_circuits import IHConfig, IHTransformer, gih_predictive, ideal_model
+from ih_circuits import IHConfig, IHTransformer, NGramTask, gih_predictive, ideal_model
 from tests.model.helpers import identity_hooks, random_tokens, randomized, tiny_config
 
 
@@ -268,3 +268,28 @@ def test_float_ids_and_unknown_positions_are_refused():
         model.to_tokens([0.5, 1.0, 2.0])
     with pytest.raises(ValueError, match="loss_positions must be 'last' or 'all'; got 'lats'"):
         model(random_tokens(1, 5), return_type="loss", loss_positions="lats")
+
+
+@pytest.mark.usefixtures("without_runtime_typecheck")
+def test_the_classifier_scale_is_bounded_where_the_routes_agree():
+    """|a| <= 1e4: at the bound the fast routes and the hooked dense path give the same loss on both objectives
+    (to 1e-5 nats); beyond it the config, ``ideal_model`` and a loaded checkpoint refuse it."""
+    from ih_circuits.model.config import MAX_CLASSIFIER_SCALE
+
+    task = NGramTask(vocab_size=3, parents=(1, 2), seq_len=101)
+    tokens = task.sample(64, seed=0).tokens
+    for a in (MAX_CLASSIFIER_SCALE, -MAX_CLASSIFIER_SCALE):
+        model = IHTransformer(IHConfig(d_vocab=3, n_ctx=101, n_heads=3, window=3, max_degree=2, a_init=a))
+        with torch.no_grad():
+            hooked, _ = model.run_with_cache(tokens)
+        for positions, rows, targets in (
+            ("last", hooked[:, -2:-1], tokens[:, -1:]),
+            ("all", hooked[:, :-1], tokens[:, 1:]),
+        ):
+            dense = -rows.gather(-1, targets[..., None]).mean()
+            fast = model(tokens, return_type="loss", loss_positions=positions)
+            assert abs(fast.item() - dense.item()) < 1e-5, (a, positions)
+    with pytest.raises(ValueError, match=r"a_init must be a finite number in \[-10000.0, 10000.0\]; got 1e\+30"):
+        IHConfig(a_init=1e30)
+    with pytest.raises(ValueError, match=r"a must be a finite number in \[-10000.0, 10000.0\]"):
+        ideal_model(IHConfig(d_vocab=3, n_ctx=12, n_heads=3, window=3, max_degree=2), a=2e4)

@@ -4,12 +4,14 @@ there, the figures are inline, missing values are explained, and nothing is load
 import html
 import json
 import re
+import shutil
 
 import pytest
 
-from ih_circuits.sweep import SweepSpec, sweep_report
+from ih_circuits.sweep import SweepSpec, load_results, sweep_report
+from ih_circuits.sweep.execute import RunOutcome
 from ih_circuits.sweep.results import write_results
-from ih_circuits.sweep.store import SPEC_FILE
+from ih_circuits.sweep.store import RECORD, RUNS, SPEC_FILE, write_outcome
 from tests.sweep.frames import agreeing, failed, results_table
 
 SPEC = {"preset": "cwa", "seeds": [0, 1], "steps": 40, "grid": {"alpha": [0.05, 1.0], "parents": [[1, 2], [1, 3]]}}
@@ -31,11 +33,14 @@ def mixed(cell, seed):
 
 
 def fake_sweep(directory, outcome=mixed):
-    """A sweep directory as run_sweep leaves it, minus the run checkpoints the report does not read."""
+    """A sweep directory as run_sweep leaves it (spec, run records, results.csv), minus the run checkpoints the
+    report does not read."""
     directory.mkdir()
     (directory / SPEC_FILE).write_text(json.dumps(SweepSpec.from_dict(SPEC).to_dict()))
     results = results_table(GRID, seeds=(0, 1), outcome=outcome)
     assert list(results["run_id"]) == [r.run_id for r in SweepSpec.from_dict(SPEC).runs()]
+    for record in results.to_dict("records"):
+        write_outcome(directory, record["run_id"], RunOutcome(record))
     write_results(directory, results)
     return directory
 
@@ -104,6 +109,28 @@ def test_bad_directories_and_outputs_are_refused(tmp_path):
     directory = fake_sweep(tmp_path / "sweep")
     with pytest.raises(ValueError, match="it is a directory"):
         sweep_report(directory, output=tmp_path)
-    (directory / "results.csv").unlink()
-    with pytest.raises(ValueError, match="results.csv does not exist: run the sweep first"):
+    shutil.rmtree(directory / RUNS)
+    with pytest.raises(ValueError, match="holds no finished run yet"):
         sweep_report(directory)
+
+
+def test_the_report_reads_the_records_not_a_hand_edited_table(tmp_path):
+    """results.csv is a copy for other tools: edited to claim agreement everywhere, or replaced by garbage, the
+    report is the records' (its text identical to the unedited directory's report)."""
+    directory = fake_sweep(tmp_path / "sweep")
+    results = load_results(directory)
+    results["selected_lags"] = results["predicted_lags"]
+    results["status"] = "ok"
+    write_results(directory, results)
+    edited = section(sweep_report(directory).read_text(encoding="utf-8"), "Agreement")
+    assert "selected = predicted in 5 of 6 finished runs (83%); 2 failed." in edited
+    (directory / "results.csv").write_text("garbage\n1\n")
+    assert "5 of 6 finished runs" in section(sweep_report(directory).read_text(encoding="utf-8"), "Agreement")
+    with pytest.raises(ValueError, match=r"results.csv is not a results table: it lacks the columns \['run_id'"):
+        load_results(directory)
+    record = directory / RUNS / DISAGREEING / RECORD
+    record.write_text(record.read_text().replace('"selected_lags": "1,2"', '"selected_lags": "1,3"'))
+    agreement = section(sweep_report(directory).read_text(encoding="utf-8"), "Agreement")
+    assert "selected = predicted in 5 of 5 finished runs (100%); 2 failed." in agreement  # the edit fails its checksum
+    header = " ".join(sweep_report(directory).read_text(encoding="utf-8").split())
+    assert "4 grid cells x 2 seeds = 8 runs: 5 finished, 2 failed, 1 not run yet (or with a damaged record" in header

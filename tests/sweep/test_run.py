@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -241,3 +242,16 @@ def test_cli_sweep_exit_status_says_when_runs_failed(tmp_path, capsys):
     assert math.isnan(agreement_rate(results)) and len(disagreements(results)) == 2
     plot_theory_map(results)
     assert main(["report", str(tmp_path / "all")]) == 0
+
+
+def test_a_sweep_says_how_many_runs_and_about_how_long_before_it_starts(tmp_path, capsys):
+    from ih_circuits.cli import main
+
+    spec = _write_spec(tmp_path / "spec.toml", 20, "[0]")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "sweep"), "--workers", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert re.fullmatch(r"2 runs to do \(0 done\), about \d+ s, on 1 local worker", first), first
+    spec.write_text(spec.read_text().replace("[[1, 2], [1, 3]]", "[[1, 2], [1, 3], [2, 3]]"))
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "big"), "--max-runs", "2", "--quiet"]) == 2
+    assert "3 runs (3 cells x 1 seeds), above max_runs=2" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()

@@ -95,3 +95,35 @@ def test_examples_sweep_toml_is_the_issue_grid_and_the_readme_block():
     block = re.search(r"```toml\n(.*?)```", section, flags=re.DOTALL).group(1)
     assert SweepSpec.from_dict(tomllib.loads(block)) == example
     assert len(example.runs()) == 24
+
+
+def test_a_grid_larger_than_max_runs_is_refused_before_it_is_expanded(monkeypatch):
+    """10^4 x 10^4 cells x 2 seeds: counted, not expanded (expanding would take minutes and gigabytes)."""
+    from ih_circuits.sweep import spec as spec_module
+
+    huge = {"preset": "cwa", "seeds": [0, 1], "grid": {"alpha": list(range(1, 10**4 + 1)), "lr": [0.1] * 10**4}}
+    monkeypatch.setattr(spec_module, "preset_parts", lambda *a, **k: pytest.fail("a cell was built"))
+    with pytest.raises(ValueError, match=r"200000000 runs \(100000000 cells x 2 seeds\), above max_runs=10000"):
+        SweepSpec.from_dict(huge)
+    raise_it = r"above max_runs=3; .* raise max_runs \(run_sweep\(max_runs=\.\.\.\), --max-runs"
+    with pytest.raises(ValueError, match=raise_it):
+        SweepSpec.from_dict({"preset": "cwa", "seeds": [0, 1], "grid": {"alpha": [0.1, 0.2]}}, max_runs=3)
+    with pytest.raises(ValueError, match="max_runs"):
+        SweepSpec.from_dict({"preset": "cwa"}, max_runs=0)
+    assert spec_module.DEFAULT_MAX_RUNS == 10_000
+
+
+def test_every_cell_is_built_once_whatever_the_seeds(monkeypatch):
+    """The check builds each cell's parts once (the seed changes only the initial weights): 2 cells, not 20 runs."""
+    from ih_circuits.sweep import spec as spec_module
+
+    built = []
+    real = spec_module.preset_parts
+    monkeypatch.setattr(spec_module, "preset_parts", lambda *a, **k: built.append(k) or real(*a, **k))
+    spec = SweepSpec.from_dict({"preset": "cwa", "seeds": list(range(10)), "grid": {"alpha": [0.1, 1.0]}})
+    assert spec.n_runs == len(spec.runs()) == 20 and len(built) == 2
+
+
+def test_seeds_beyond_64_bits_are_refused():
+    with pytest.raises(ValueError, match=r"seeds must be a non-empty list of distinct integers in \[0, 2\*\*63 - 1\]"):
+        SweepSpec.from_dict({"preset": "cwa", "seeds": [2**64]})
