@@ -47,14 +47,16 @@ from ih_circuits.memory import check_memory, items_per_chunk
 from ih_circuits.predictors import candidate_parent_sets
 from ih_circuits.priors import DirichletPrior, KernelPrior
 from ih_circuits.seeds import make_generator
-from ih_circuits.task import SAMPLING_BYTES_PER_ENTRY
+from ih_circuits.task import SAMPLING_BYTES_PER_ENTRY, NGramTask
 
 __all__ = [
+    "Prediction",
     "SelectionScores",
     "modified_chi2_mi",
     "predicted_parent_set",
     "selection_scores",
     "stationary_window_law",
+    "task_prediction",
 ]
 
 METHODS = ("auto", "exact", "monte_carlo")
@@ -83,9 +85,52 @@ MONTE_CARLO_SECONDS_PER_PAIR, BURN_IN_SECONDS_PER_ENTRY = 4e-8, 2e-7
 PROGRESS_SECONDS = 3.0
 # An explicit method="exact" estimated above this is refused, pointing to Monte Carlo or fewer kernels.
 EXACT_MAX_SECONDS = 600.0
+# A lag set whose I~ is below the best's by less than this many standard errors of the paired difference (over the
+# same kernels) is tied with it: the kernel draws cannot tell the two apart.
+TIE_STANDARD_ERRORS = 3.0
+# The prediction behind training, probes and sweeps (task_prediction): a function of the task, the degree and the
+# window only, so every seed of a sweep cell gets the same one.
+PREDICTION_KERNELS, PREDICTION_SEED = 1000, 0
 # Kernels are drawn in blocks of about this many entries (a constant, so the draws never depend on the memory
 # settings; 2000 vocabulary-3 kernels are one block, so the exact numbers are those of one batched draw).
 KERNEL_BLOCK_ENTRIES = 2**20
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The theory's prediction within a selector's degree D, with its uncertainty over the kernel draws.
+
+    The best set is argmax_{|S| <= D} I~(S). Another set S is **tied** with it when the mean of the paired
+    differences I~_k(best) - I~_k(S) over the kernels k is below ``TIE_STANDARD_ERRORS`` standard errors of that
+    mean (std_k / sqrt(n_kernels)): the draws cannot tell which is larger.
+
+    Attributes:
+        lags: the best set, then every set tied with it (by decreasing I~); one set when the prediction is
+            decisive.
+        margin: I~(best) - I~(runner-up), the runner-up being the best other set within the degree (NaN when the
+            degree allows one set only).
+        margin_stderr: the paired standard error of ``margin``.
+        max_degree: D.
+    """
+
+    lags: tuple[tuple[int, ...], ...]
+    margin: float
+    margin_stderr: float
+    max_degree: int
+
+    @property
+    def best(self) -> tuple[int, ...]:
+        """The set with the largest I~ (the smallest such set on an exact tie)."""
+        return self.lags[0]
+
+    @property
+    def decisive(self) -> bool:
+        """Whether no other set is tied with the best."""
+        return len(self.lags) == 1
+
+    def text(self) -> str:
+        """The tied sets as sweeps record them: ``"1,2"``, or ``"1,2;2,3"`` for a tie (``""`` the empty set)."""
+        return ";".join(",".join(str(lag) for lag in lags) for lags in self.lags)
 
 
 @dataclass
@@ -123,6 +168,22 @@ class SelectionScores:
             check_int(max_degree, "max_degree", 0)
         allowed = {s: v for s, v in self.modified.items() if max_degree is None or len(s) <= max_degree}
         return max(allowed, key=lambda s: (allowed[s], -len(s)))
+
+    def prediction(self, max_degree: int) -> Prediction:
+        """The best set within ``max_degree`` lags and every set tied with it (``Prediction``)."""
+        best = self.best(max_degree)
+        index = {s: i for i, s in enumerate(self.modified)}
+        others = [s for s in self.modified if len(s) <= max_degree and s != best]
+        if not others:
+            return Prediction((best,), float("nan"), float("nan"), max_degree)
+        differences = self.modified_per_kernel[index[best]] - self.modified_per_kernel[[index[s] for s in others]]
+        means = differences.mean(-1)
+        stderrs = differences.std(-1) / self.n_kernels**0.5
+        bars = zip(others, means.tolist(), stderrs.tolist(), strict=True)
+        tied = [s for s, mean, stderr in bars if mean <= TIE_STANDARD_ERRORS * stderr]
+        runner_up = int(means.argmin())
+        ranked = sorted(tied, key=lambda s: (-self.modified[s], len(s)))
+        return Prediction((best, *ranked), float(means[runner_up]), float(stderrs[runner_up]), max_degree)
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per candidate lag set, in candidate order: ``lags`` (a tuple, () for the empty set), ``size``,
@@ -546,6 +607,22 @@ def modified_chi2_mi(
     return selection_scores(
         vocab_size, parents, alpha, subsets, n_kernels, seed, window, prior=prior, method=method, n_samples=n_samples
     ).modified
+
+
+def task_prediction(task: NGramTask, max_degree: int, window: int | None = None) -> Prediction:
+    """The theory's prediction for ``task`` and a selector of degree ``max_degree`` that sees lags 1..window (at
+    least the task's order): ``PREDICTION_KERNELS`` kernels from the task's prior, always seeded with
+    ``PREDICTION_SEED``, method ``"auto"``. Training (``TrainingRun.predicted_lags``, the best set), the probes'
+    comparison with the theory and the sweeps' ``predicted_lags`` all come from here.
+
+    >>> from ih_circuits.task import NGramTask
+    >>> task_prediction(NGramTask(vocab_size=3, parents=(1, 2), seq_len=20), max_degree=2, window=3).text()
+    '1,2'
+    """
+    check_int(max_degree, "max_degree", 0)
+    window = max(task.order, 1 if window is None else check_int(window, "window", 1))
+    kernels = {"prior": task.prior, "n_kernels": PREDICTION_KERNELS, "seed": PREDICTION_SEED}
+    return selection_scores(task.vocab_size, task.parents, window=window, **kernels).prediction(max_degree)
 
 
 def predicted_parent_set(

@@ -41,11 +41,11 @@ from ih_circuits.checkpoint import atomic_directory, check_fields, read_json, ve
 from ih_circuits.checks import check_int, check_real
 from ih_circuits.history import history_columns, read_history, subset_column, weight_column
 from ih_circuits.memory import items_per_chunk
-from ih_circuits.model import IHConfig, IHTransformer
+from ih_circuits.model import IHTransformer
 from ih_circuits.predictors import last_position_nll, next_token_nll
 from ih_circuits.seeds import derive_seed
 from ih_circuits.task import NGramTask
-from ih_circuits.theory import SelectionScores, selection_scores
+from ih_circuits.theory import task_prediction
 
 RUN_KIND = "TrainingRun"
 
@@ -237,7 +237,8 @@ class TrainingRun:
             otherwise.
         step: optimizer steps taken so far.
         interrupted: whether training stopped on KeyboardInterrupt.
-        predicted_lags: the theory's predicted parent set for the task (argmax I~, |S| <= D).
+        predicted_lags: the theory's predicted parent set for the task (argmax I~, |S| <= D;
+            ``theory.task_prediction(task, D, window).best``, whose ``lags`` also lists the sets tied with it).
     """
 
     model: nn.Module
@@ -586,22 +587,6 @@ def _interrupt_between_steps() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-PREDICTION_KERNELS = 1000
-
-
-def prediction_scores(model_config: IHConfig, task: NGramTask, seed: int) -> SelectionScores:
-    """The theory's scores behind a run's ``predicted_lags``: I~ over the model's lag window (at least the task's
-    order), ``PREDICTION_KERNELS`` kernels from the task's prior, seeded by the run seed."""
-    return selection_scores(
-        task.vocab_size,
-        task.parents,
-        prior=task.prior,
-        n_kernels=PREDICTION_KERNELS,
-        seed=derive_seed(seed, "theory") % 2**31,
-        window=max(model_config.max_lag, task.order),
-    )
-
-
 def train(
     model: nn.Module,
     task: NGramTask,
@@ -630,7 +615,7 @@ def train(
             raise ValueError(f"model d_vocab={cfg.d_vocab} but task vocab_size={task.vocab_size}")
         if task.seq_len > cfg.n_ctx:
             raise ValueError(f"task seq_len={task.seq_len} exceeds the model's n_ctx={cfg.n_ctx}")
-        predicted = prediction_scores(cfg, task, config.seed).best(cfg.max_degree)
+        predicted = task_prediction(task, cfg.max_degree, cfg.max_lag).best
     for stage in config.stages:
         parameter_groups(model, stage.groups)
     run = TrainingRun(model=model, task=task, config=config, predicted_lags=predicted)

@@ -192,3 +192,17 @@ def test_trained_ordinary_transformer_uses_the_parents():
     induction_row = next(r for r in decomposition.rows if r["check"] == "induction head")
     # Measured lift 0.935 after 800 steps (seed 0, the same run as test_baselines.py's slow test).
     assert induction_row["induction_lift"] > 0.5
+
+
+def test_a_set_the_theory_cannot_tell_from_its_best_matches_the_theory():
+    """Parents (1, 2, 3) at alpha 1.0 with a one-lag selector: the theory's best single lag (2,) is within noise of
+    (3,) and (1,) (``theory.task_prediction``). A model that reads lag 3 alone matches the theory, and the report
+    names the tie."""
+    import ih_circuits as ih
+
+    cfg = ih.IHConfig(d_vocab=3, n_ctx=40, n_heads=3, window=3, max_degree=1)
+    task = ih.NGramTask(3, (1, 2, 3), 40, alpha=1.0)
+    report = ih.probes.find_parents(ih.ideal_model(cfg, lags=(3,), a=5.0), task, n_sequences=512, seed=0)
+    assert report.lags == (3,) and report.predicted == (2,) and report.tied == ((3,), (1,))
+    assert report.matches_theory is True and report.matches_truth is False
+    assert "tied within 3 standard errors with (3,), (1,)): match" in report.summary()

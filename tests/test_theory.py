@@ -1,5 +1,7 @@
 """The modified chi-square MI (PAPER.md §5): closed-form checks and the predicted parent sets."""
 
+import math
+
 import pytest
 import torch
 
@@ -239,3 +241,39 @@ def test_an_exact_call_estimated_past_ten_minutes_is_refused_with_what_would_fit
         ValueError, match=r"method='exact' at vocab_size=50 .* would take about \d+ min .* n_kernels <= \d+"
     ):
         selection_scores(50, (1, 2), 0.1, method="exact")
+
+
+def _scores(per_kernel: dict[tuple[int, ...], list[float]]) -> theory.SelectionScores:
+    """SelectionScores from chosen per-kernel I~ values (the other fields do not matter here)."""
+    table = torch.tensor(list(per_kernel.values()), dtype=torch.float64)
+    means = dict(zip(per_kernel, table.mean(-1).tolist(), strict=True))
+    return theory.SelectionScores(means, means, means, table.shape[1], means, "exact", None, table, table)
+
+
+def test_a_margin_within_three_paired_standard_errors_is_a_tie():
+    """(2,) trails (1,) by 0.2 on every kernel: no spread, so not tied. (3,) trails by 0.1 +- 1 (alternating): a
+    mean of 0.1 with a standard error of sqrt(4/3) / sqrt(4) = 0.577 is a tie, and the runner-up."""
+    scores = _scores({(): [0.0] * 4, (1,): [1.0] * 4, (2,): [0.8] * 4, (3,): [1.9, -0.1, 1.9, -0.1]})
+    prediction = scores.prediction(1)
+    assert prediction.lags == ((1,), (3,)) and not prediction.decisive and prediction.text() == "1;3"
+    assert prediction.margin == pytest.approx(0.1) and prediction.margin_stderr == pytest.approx(2 / 3**0.5 / 2)
+    clear = _scores({(): [0.0] * 4, (1,): [1.0] * 4, (2,): [0.9] * 4}).prediction(1)
+    assert clear.lags == ((1,),) and clear.decisive and clear.margin == pytest.approx(0.1)
+    assert clear.margin_stderr == 0.0
+    alone = _scores({(): [0.0] * 4, (1,): [1.0] * 4}).prediction(0)
+    assert alone.lags == ((),) and math.isnan(alone.margin)
+
+
+@pytest.mark.parametrize(
+    ("parents", "alpha", "degree", "expected"),
+    [((1, 2), 0.1, 2, "1,2"), ((1, 2), 0.1, 1, "2"), ((1, 2, 3), 1.0, 1, "2;3;1"), ((1, 2), 1.0, 1, "1;2")],
+)
+def test_the_task_prediction_names_every_set_the_kernels_cannot_separate(parents, alpha, degree, expected):
+    """The measured cases of issue 26: with the selector's budget below the parents the best single lag is
+    within noise of the others at alpha 1.0 (margins of 1e-4 nats against standard errors of 5e-4)."""
+    from ih_circuits import NGramTask
+
+    prediction = theory.task_prediction(NGramTask(3, parents, 101, alpha=alpha), degree, 3)
+    assert prediction.text() == expected
+    assert prediction.decisive == (";" not in expected)
+    assert (prediction.margin > 3 * prediction.margin_stderr) == prediction.decisive

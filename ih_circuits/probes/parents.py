@@ -18,16 +18,14 @@ from ih_circuits.adapters import TransformerLensAdapter
 from ih_circuits.probes.behavioural import BehaviouralReport, RepresentationalReport
 from ih_circuits.probes.data import ProbeData
 from ih_circuits.probes.heads import CopierReport
-from ih_circuits.theory import predicted_parent_set
+from ih_circuits.theory import PREDICTION_KERNELS, Prediction, task_prediction
 
 THEORY_BUDGET_BYTES = 512 * 2**20
-THEORY_KERNELS = 1000
 
 
-def theory_prediction(
-    adapter: TransformerLensAdapter, data: ProbeData, seed: int
-) -> tuple[tuple[int, ...] | None, str]:
-    """The theory's parent set (argmax I~ within the model's budget) and a note; (None, why) when skipped.
+def theory_prediction(adapter: TransformerLensAdapter, data: ProbeData) -> tuple[Prediction | None, str]:
+    """The theory's prediction (``theory.task_prediction``: argmax I~ within the model's budget, with the sets
+    tied with it) and a note; (None, why) when skipped.
 
     Budget and window: ``IHTransformer``'s max_degree and lag window; otherwise the task's number of parents
     and its window. Memory: float64 laws of d^(window+1) windows and d^(2 order) transitions per kernel.
@@ -40,22 +38,18 @@ def theory_prediction(
     else:
         budget, window = len(task.parents), task.window
     d = task.vocab_size
-    needed = 8 * THEORY_KERNELS * 3 * (d ** (window + 1) + d ** (2 * task.order))
+    needed = 8 * PREDICTION_KERNELS * 3 * (d ** (window + 1) + d ** (2 * task.order))
     if needed > THEORY_BUDGET_BYTES:
         return None, (
             f"skipped: exact I~ at vocab {d}, window {window} enumerates {d}^{window + 1} histories per kernel "
-            f"(~{needed / 2**30:.3g} GiB for {THEORY_KERNELS} kernels, above {THEORY_BUDGET_BYTES / 2**30:.1f} GiB)"
+            f"(~{needed / 2**30:.3g} GiB for {PREDICTION_KERNELS} kernels, above {THEORY_BUDGET_BYTES / 2**30:.1f} GiB)"
         )
-    predicted = predicted_parent_set(
-        vocab_size=d,
-        parents=task.parents,
-        prior=task.prior,
-        window=window,
-        max_degree=budget,
-        n_kernels=THEORY_KERNELS,
-        seed=seed,
-    )
-    return predicted, f"argmax I~ over lag sets of size <= {budget} inside 1..{window}"
+    prediction = task_prediction(task, budget, window)
+    note = f"argmax I~ over lag sets of size <= {budget} inside 1..{window}"
+    if not prediction.decisive:
+        tied = ", ".join(str(lags) for lags in prediction.lags[1:])
+        note += f"; tied within 3 standard errors with {tied}"
+    return prediction, note
 
 
 @dataclass
@@ -67,6 +61,7 @@ class ParentReport:
         true_parents: the data's parents, or None when the data does not know them.
         predicted: the theory's prediction, or None when it was skipped (see ``theory_note``).
         theory_note: how the prediction was made, or why it was skipped.
+        tied: the lag sets the theory cannot tell from ``predicted`` (within 3 standard errors; () if none).
         behavioural, representational, copier: the probe reports.
         selector: white-box lag-set shares (``IHTransformer`` only, else None).
         config: the session's ``ProbeConfig`` in one line.
@@ -83,6 +78,7 @@ class ParentReport:
     selector: dict[tuple[int, ...], float] | None = None
     config: str = ""
     cost: str = ""
+    tied: tuple[tuple[int, ...], ...] = ()
 
     @property
     def uses_context(self) -> bool:
@@ -104,10 +100,11 @@ class ParentReport:
 
     @property
     def matches_theory(self) -> bool | None:
-        """Whether the lags found are the theory's prediction (None: no prediction, or inconclusive)."""
+        """Whether the lags found are the theory's prediction, or a set tied with it (None: no prediction, or
+        inconclusive)."""
         if self.predicted is None or not self.conclusive:
             return None
-        return self.lags == self.predicted
+        return self.lags in (self.predicted, *self.tied)
 
     @property
     def white_box_lags(self) -> tuple[int, ...] | None:

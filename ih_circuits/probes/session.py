@@ -251,12 +251,12 @@ class ProbeSession:
     def _parent_report(self) -> ParentReport:
         parts = self.adapter.parts
         selector = selector_probe(parts) if parts is not None else None
-        predicted, note = theory_prediction(self.adapter, self.data, self.config.seed)
+        prediction, note = theory_prediction(self.adapter, self.data)
         behaviour = self.behaviour
         return ParentReport(
             behaviour.used_lags,
             self.data.parents,
-            predicted,
+            None if prediction is None else prediction.best,
             note,
             behaviour,
             self.representation,
@@ -264,6 +264,7 @@ class ProbeSession:
             selector,
             config=self.config.describe(),
             cost=self.cost,
+            tied=() if prediction is None else prediction.lags[1:],
         )
 
     # ------------------------------------------------------------------------------------------------ heads

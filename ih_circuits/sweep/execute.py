@@ -19,7 +19,8 @@ import torch
 from ih_circuits.presets import preset_parts
 from ih_circuits.probes import decomposition_test
 from ih_circuits.sweep.spec import RunSpec, format_value
-from ih_circuits.training import TrainingRun, prediction_scores, train
+from ih_circuits.theory import task_prediction
+from ih_circuits.training import TrainingRun, train
 
 RUN_DIRECTORY = "run"
 
@@ -62,15 +63,6 @@ def selected_lags(training: TrainingRun) -> tuple[int, ...]:
     return tuple(sorted({head_lags[h] for h in leading}))
 
 
-def theory_margin(training: TrainingRun) -> float:
-    """I~(predicted) minus the largest I~ of another lag set within the selector's degree."""
-    cfg = training.model.config
-    scores = prediction_scores(cfg, training.task, training.config.seed)
-    allowed = {s: v for s, v in scores.modified.items() if len(s) <= cfg.max_degree}
-    others = [v for s, v in allowed.items() if s != training.predicted_lags]
-    return allowed[training.predicted_lags] - max(others) if others else float("nan")
-
-
 def execute_run(run: RunSpec) -> RunOutcome:
     """Train ``run``, probe it (``decomposition_test``, which runs ``find_parents``) and return its outcome.
 
@@ -83,17 +75,20 @@ def execute_run(run: RunSpec) -> RunOutcome:
         model, task, config = preset_parts(run.preset, seed=run.seed, **run.overrides())
         training = train(model, task, config, quiet=True)
         decomposition = decomposition_test(model, task, n_sequences=run.n_sequences, seed=run.seed)
+        prediction = task_prediction(task, model.config.max_degree, model.config.max_lag)
         last = training.history.iloc[-1]
         outcome = {
             "status": "ok",
-            "predicted_lags": format_value(training.predicted_lags),
+            "predicted_lags": prediction.text(),
+            "theory_decisive": prediction.decisive,
             "selected_lags": format_value(selected_lags(training)),
             "found_lags": format_value(decomposition.parents.lags),
             "verdict": decomposition.verdict,
             "eval_loss": float(last["eval_loss"]),
             "bayes_loss": float(last["bayes_loss"]),
             "excess_loss": float(last["excess_loss"]),
-            "theory_margin": theory_margin(training),
+            "theory_margin": prediction.margin,
+            "theory_margin_stderr": prediction.margin_stderr,
         }
         with tempfile.TemporaryDirectory() as scratch:
             saved = training.save(Path(scratch) / RUN_DIRECTORY)

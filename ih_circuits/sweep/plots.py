@@ -27,9 +27,20 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LAG_NOTE = "lag sets: lag 1 = the current token, lag 2 = the token before it"
-PRED_NOTE = "pred = the theory's argmax of I~ within the selector's degree"
+PRED_NOTE = (
+    "pred = the theory's argmax of I~ within the selector's degree; 'tie' lists every set within 3 standard errors "
+    "of it, and a seed selecting any of them agrees"
+)
 SEL_NOTE = "sel = the lags of the trained selector's leading subset"
-NEEDED_COLUMNS = ("status", "predicted_lags", "selected_lags", "excess_loss", "theory_margin")
+NEEDED_COLUMNS = (
+    "status",
+    "predicted_lags",
+    "theory_decisive",
+    "selected_lags",
+    "excess_loss",
+    "theory_margin",
+    "theory_margin_stderr",
+)
 NOT_AXES = ("run_id", "preset", "seed")
 DISAGREEMENT_COLOR = "#c0392b"
 FAILED_COLOR = "#d9d9d9"
@@ -112,6 +123,12 @@ def _map_layout(
 def _lag_text(lags: str) -> str:
     """A lag set as the figures write it: ``"1,2"``, or ``"empty"`` for the empty set."""
     return lags if lags else "empty"
+
+
+def _prediction_text(predicted: str) -> str:
+    """The theory's prediction: one lag set, or ``"tie 1,2 | 2,3"`` for sets it cannot tell apart."""
+    sets = predicted.split(";")
+    return _lag_text(predicted) if len(sets) == 1 else "tie " + " | ".join(_lag_text(s) for s in sets)
 
 
 def _value_text(column: str, value: Any) -> str:
@@ -239,8 +256,9 @@ def plot_theory_map(
 ) -> Figure:
     """The theory-vs-practice map: one cell per grid cell, seeds aggregated (``cell_table``).
 
-    Each cell reads "pred P / sel S / k/n": the theory's prediction, the most common selected lag set, and in
-    how many of the n finished seeds the selector chose the prediction; the colour is that selection frequency
+    Each cell reads "pred P / sel S / k/n": the theory's prediction ("tie A | B" when it cannot tell sets apart:
+    selecting any of them agrees), the most common selected lag set, and in how many of the n finished seeds
+    the selector chose a predicted set; the colour is that selection frequency
     (green = always, red = never, grey = nothing finished). Every cell where a finished seed selected
     something other than the prediction has a thick red frame and an x; cells with failed runs are hatched
     and say "failed n". The title gives the agreement rate over finished runs (``agreement_rate``).
@@ -255,12 +273,13 @@ def plot_theory_map(
         ValueError: an empty or foreign table, a column that is not a grid column, a column placed twice, or
             (with explicit ``panels``) a varying column placed nowhere.
 
-    >>> results = pd.DataFrame({"run_id": ["a", "b"], "seed": 0, "alpha": [0.05, 1.0], "status": "ok",
-    ...     "predicted_lags": "1,2", "selected_lags": ["1,2", "1,3"], "verdict": "holds",
-    ...     "excess_loss": [0.04, 0.03], "theory_margin": [0.02, 0.01]})
+    >>> results = pd.DataFrame({"run_id": ["a", "b", "c"], "seed": 0, "alpha": [0.05, 1.0, 3.0], "status": "ok",
+    ...     "predicted_lags": ["1,2", "1,2", "1;2"], "theory_decisive": [True, True, False],
+    ...     "selected_lags": ["1,2", "1,3", "2"], "verdict": "holds", "excess_loss": [0.04, 0.03, 0.05],
+    ...     "theory_margin": [0.02, 0.01, 0.001], "theory_margin_stderr": [0.001, 0.001, 0.002]})
     >>> axis = plot_theory_map(results).axes[0]  # one row, alpha across
     >>> [" ".join(t.get_text().split()) for t in axis.texts]
-    ['pred 1,2 sel 1,2 1/1 seeds', 'pred 1,2 sel 1,3 0/1 seeds', 'x']
+    ['pred 1,2 sel 1,2 1/1 seeds', 'pred 1,2 sel 1,3 0/1 seeds', 'x', 'pred tie 1 | 2 sel 2 1/1 seeds']
     """
     from matplotlib.colors import LinearSegmentedColormap
 
@@ -273,7 +292,7 @@ def plot_theory_map(
         if not cell["ok"]:
             return ""
         chose = round(cell["selection_frequency"] * cell["ok"])
-        pred, sel = _lag_text(cell["predicted_lags"]), _lag_text(cell["selected_lags"])
+        pred, sel = _prediction_text(cell["predicted_lags"]), _lag_text(cell["selected_lags"])
         return f"pred {pred}\nsel {sel}\n{chose}/{cell['ok']} seeds"
 
     return _draw_maps(
@@ -329,33 +348,42 @@ def plot_excess_loss_map(
 def plot_margin(results: pd.DataFrame) -> Figure:
     """How sure the theory was against how often training agreed: one point per grid cell with a finished run.
 
-    x = the mean theory margin, I~(predicted) minus the best other I~ within the selector's degree; y = the
-    selection frequency (share of finished seeds whose selected lag set is the prediction). Green points agree
-    in every seed, red ones do not. Cells without a finished run (or without a margin: no other lag set within
-    the degree) are counted in the title, not drawn.
+    x = the mean theory margin, I~(best) minus the next best I~ within the selector's degree, with a bar of
+    3 standard errors each side (a bar crossing 0 is a tie); y = the selection frequency (share of finished
+    seeds whose selected lag set is a predicted one). Green points agree in every seed, red ones do not; open
+    markers are ties. Cells without a finished run (or without a margin: no other lag set within the degree)
+    are counted in the title, not drawn.
     """
     _check_results(results)
     cells = cell_table(results)
     drawn = cells[(cells["ok"] > 0) & cells["theory_margin"].notna()]
     figure, (axis,) = _figure(6.5, 3.6)
     for agrees, color, label in ((True, "tab:green", "agrees in every seed"), (False, DISAGREEMENT_COLOR, "disagrees")):
-        group = drawn[drawn["agrees"] == agrees]
-        axis.scatter(
-            group["theory_margin"],
-            group["selection_frequency"],
-            color=color,
-            label=f"{label} ({len(group)})",
-            s=40,
-            alpha=0.8,
-            edgecolors="black",
-            linewidths=0.5,
-        )
+        for decisive in (True, False):
+            group = drawn[(drawn["agrees"] == agrees) & (drawn["theory_decisive"] == decisive)]
+            if group.empty:
+                continue
+            axis.errorbar(
+                group["theory_margin"],
+                group["selection_frequency"],
+                xerr=3 * group["theory_margin_stderr"].fillna(0.0),
+                fmt="o",
+                color=color,
+                markerfacecolor=color if decisive else "white",
+                markeredgecolor=color if not decisive else "black",
+                label=f"{label}{'' if decisive else ', a tie'} ({len(group)})",
+                markersize=6,
+                alpha=0.8,
+                elinewidth=1,
+                capsize=2,
+            )
     if drawn.empty:
         axis.text(0.5, 0.5, "no finished run with a margin: nothing to place", ha="center", transform=axis.transAxes)
     else:
         axis.legend(fontsize=8, loc="lower right")
     axis.set_ylim(-0.05, 1.05)
-    axis.set_xlabel("theory margin: I~(predicted) − best other I~ (mean over seeds)")
+    axis.axvline(0.0, color="#888888", linewidth=0.8)
+    axis.set_xlabel("theory margin: I~(best) − next best I~, ± 3 standard errors")
     axis.set_ylabel("selection frequency\n(share of seeds selecting predicted)")
     skipped = len(cells) - len(drawn)
     note = f"; {skipped} without a finished run or a margin, not shown" if skipped else ""

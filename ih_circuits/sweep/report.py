@@ -24,7 +24,16 @@ from ih_circuits.sweep.store import read_spec
 
 REPORT_FILE = "report.html"
 ANSWER_COLUMNS = ("predicted_lags", "selected_lags", "found_lags")
-PROBLEM_COLUMNS = ("run_id", "status", *ANSWER_COLUMNS, "verdict", "excess_loss", "theory_margin", "error")
+PROBLEM_COLUMNS = (
+    "run_id",
+    "status",
+    *ANSWER_COLUMNS,
+    "verdict",
+    "excess_loss",
+    "theory_margin",
+    "theory_margin_stderr",
+    "error",
+)
 NO_FINISHED_RUN = "no finished run"
 
 HOW_TO_READ = """
@@ -33,7 +42,10 @@ with one seed, then compares four answers to "which earlier tokens does the mode
 <code>1,2</code>: lag 1 is the current token, lag 2 the token before it, and so on; "empty" is the empty set.</p>
 <ul>
 <li><b>predicted</b>: the theory's answer, known before training: the lag set with the largest modified
-chi-square mutual information I~ among those the selector can combine (at most its degree).</li>
+chi-square mutual information I~ among those the selector can combine (at most its degree). I~ is a mean over
+kernels drawn from the prior; when another set's I~ is within 3 standard errors of the best (paired over the same
+kernels) the theory cannot tell them apart, and the prediction is a <b>tie</b> listing every such set,
+<code>1,2;2,3</code> (the maps write "tie 1,2 | 2,3"). Every seed of a cell gets the same prediction.</li>
 <li><b>selected</b>: what training chose: the lags of the trained selector's leading subset (the group of heads
 with the largest share).</li>
 <li><b>found</b>: what the trained model behaves as if it reads (<code>find_parents</code>: the lags whose
@@ -41,11 +53,13 @@ resampling changes its prediction).</li>
 <li><b>verdict</b>: the decomposition test on the found lags: "holds" when the model works as the generalized
 induction head built from them.</li>
 </ul>
-<p>A run <b>agrees</b> when selected = predicted; the agreement rate counts finished runs only. The maps have one
+<p>A run <b>agrees</b> when the selected set is a predicted one (any set of a tie); the agreement rate counts
+finished runs only. The maps have one
 square per grid cell, its seeds pooled: the colour and "k/n seeds" say how often training selected the
 prediction, a red frame with an x marks every cell where some seed selected something else, and hatched squares
 had failed runs. Excess loss is the model's loss minus the Bayes-optimal predictor's, in nats (0 is perfect).
-The theory margin is I~(predicted) minus the next best I~: where it is small the theory is least sure.</p>
+The theory margin is I~(best) minus the next best I~, with its standard error: where it is within 3 standard
+errors of 0 the prediction is a tie.</p>
 """
 
 
@@ -56,6 +70,10 @@ def _as_text(frame: pd.DataFrame, finished: pd.Series, missing: str) -> pd.DataF
     for column in frame.columns:
         if column in ANSWER_COLUMNS:
             shown[column] = [(v or "empty") if ok else missing for v, ok in zip(frame[column], finished, strict=True)]
+        elif column == "theory_decisive":
+            shown[column] = [
+                ("yes" if v else "no, a tie") if ok else missing for v, ok in zip(frame[column], finished, strict=True)
+            ]
         elif frame[column].dtype.kind == "f":
             shown[column] = [missing if math.isnan(v) else f"{v:.4g}" for v in frame[column]]
     return shown

@@ -5,12 +5,16 @@ Columns of the results table, one row per run in the spec's order:
 - ``run_id``, ``preset``, ``seed``, then the grid's overrides (lag sets written ``"1,2"``);
 - the task: ``vocab_size``, ``parents``, ``alpha``, and ``steps`` trained;
 - ``status``: ``"ok"`` or ``"failed"`` (then ``error`` holds the exception, the rest is empty);
-- ``predicted_lags``: the theory's argmax of I~ within the selector's degree (``TrainingRun.predicted_lags``);
+- ``predicted_lags``: the theory's argmax of I~ within the selector's degree and every lag set tied with it
+  (``theory.task_prediction``: within 3 paired standard errors over the kernels), separated by ``;`` as in
+  ``"1,2;2,3"``, best first; ``theory_decisive``: whether it names one set. Every seed of a cell gets the same
+  prediction (the theory's kernels do not depend on the run's seed);
   ``selected_lags``: the lags of the heads in the trained selector's leading subset; ``found_lags``:
   ``find_parents``' behavioural answer; ``""`` is the empty set;
 - ``verdict``: ``decomposition_test``'s verdict on ``found_lags``;
 - ``eval_loss``, ``bayes_loss``, ``excess_loss`` (nats, last evaluation of the run);
-- ``theory_margin``: I~(predicted) minus the best other I~ within the degree (how sure the theory is);
+- ``theory_margin``: I~(best) minus the next best I~ within the degree (how sure the theory is), and
+  ``theory_margin_stderr`` its standard error over the kernels (paired);
 - ``wall_time_s``: the run's wall time in its worker (the only column that differs between identical runs).
 """
 
@@ -32,6 +36,7 @@ LAG_COLUMNS = ("parents", "predicted_lags", "selected_lags", "found_lags")
 OUTCOME_COLUMNS = (
     "status",
     "predicted_lags",
+    "theory_decisive",
     "selected_lags",
     "found_lags",
     "verdict",
@@ -39,6 +44,7 @@ OUTCOME_COLUMNS = (
     "bayes_loss",
     "excess_loss",
     "theory_margin",
+    "theory_margin_stderr",
     "wall_time_s",
     "error",
 )
@@ -98,6 +104,13 @@ def grid_columns(results: pd.DataFrame) -> list[str]:
     return [c for c in results.columns if c in OVERRIDE_KEYS and c != "seed" and results[c].nunique(dropna=False) > 1]
 
 
+def in_prediction(selected: pd.Series, predicted: pd.Series) -> pd.Series:
+    """Whether each selected lag set is one of its row's predicted sets (a tie names several, ``;``-separated)."""
+    return pd.Series(
+        [s in p.split(";") for s, p in zip(selected, predicted, strict=True)], index=selected.index, dtype=bool
+    )
+
+
 def _mode(values: pd.Series) -> str:
     """The most common value (ties: the first seen); ``"-"`` when there is none."""
     counts = Counter(values)
@@ -108,9 +121,10 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
     """One row per grid cell, seeds aggregated over the runs that finished (``status == "ok"``).
 
     Columns: the grid's, ``runs``, ``ok``, ``predicted_lags`` and ``selected_lags`` (the most common over the
-    seeds), ``selection_frequency`` (the share of seeds whose selected set is the predicted one; NaN with no
-    finished run), ``agrees`` (every finished seed selected the prediction), ``holds_frequency`` (the share whose
-    decomposition holds), and the means of ``excess_loss`` and ``theory_margin``.
+    seeds; a tie keeps its ``;``-separated sets), ``selection_frequency`` (the share of seeds whose selected set
+    is a predicted one; NaN with no finished run), ``agrees`` (every finished seed selected a predicted set),
+    ``theory_decisive`` (the prediction names one set), ``holds_frequency`` (the share whose decomposition
+    holds), and the means of ``excess_loss``, ``theory_margin`` and ``theory_margin_stderr``.
     """
     grid = grid_columns(results) if grid is None else list(grid)
     missing = [c for c in grid if c not in results.columns]
@@ -121,7 +135,7 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
     for key, runs in groups:
         key = key if isinstance(key, tuple) else (key,)
         ok = runs[runs["status"] == "ok"]
-        agree = ok["selected_lags"] == ok["predicted_lags"]
+        agree = in_prediction(ok["selected_lags"], ok["predicted_lags"])
         frequency = float(agree.mean()) if len(ok) else math.nan
         rows.append(
             {
@@ -132,21 +146,23 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
                 "selected_lags": _mode(ok["selected_lags"]),
                 "selection_frequency": frequency,
                 "agrees": bool(len(ok)) and bool(agree.all()),
+                "theory_decisive": bool(len(ok)) and bool(ok["theory_decisive"].astype(bool).all()),
                 "holds_frequency": float((ok["verdict"] == "holds").mean()) if len(ok) else math.nan,
                 "excess_loss": float(ok["excess_loss"].mean()) if len(ok) else math.nan,
                 "theory_margin": float(ok["theory_margin"].mean()) if len(ok) else math.nan,
+                "theory_margin_stderr": float(ok["theory_margin_stderr"].mean()) if len(ok) else math.nan,
             }
         )
     return pd.DataFrame(rows)
 
 
 def agreement_rate(results: pd.DataFrame) -> float:
-    """The share of finished runs whose selected lags are the theory's prediction (NaN when none finished)."""
+    """The share of finished runs whose selected lags are a predicted set (one of a tie's; NaN when none finished)."""
     ok = results[results["status"] == "ok"]
-    return float((ok["selected_lags"] == ok["predicted_lags"]).mean()) if len(ok) else math.nan
+    return float(in_prediction(ok["selected_lags"], ok["predicted_lags"]).mean()) if len(ok) else math.nan
 
 
 def disagreements(results: pd.DataFrame) -> pd.DataFrame:
-    """The finished runs whose selected lags differ from the prediction, and the failed runs."""
-    wrong = (results["status"] != "ok") | (results["selected_lags"] != results["predicted_lags"])
+    """The finished runs whose selected lags are none of the predicted sets, and the failed runs."""
+    wrong = (results["status"] != "ok") | ~in_prediction(results["selected_lags"], results["predicted_lags"])
     return results[wrong].reset_index(drop=True)

@@ -28,6 +28,8 @@ def agreeing(cell: dict[str, Any], seed: int) -> dict[str, Any]:
         "bayes_loss": 0.1 + alpha,
         "excess_loss": 0.05 + 0.01 * seed,
         "theory_margin": 0.02 / (1 + alpha),
+        "theory_decisive": True,
+        "theory_margin_stderr": 0.001,
     }
 
 
@@ -42,6 +44,8 @@ def failed(cell: dict[str, Any], seed: int) -> dict[str, Any]:
         "bayes_loss": math.nan,
         "excess_loss": math.nan,
         "theory_margin": math.nan,
+        "theory_decisive": math.nan,
+        "theory_margin_stderr": math.nan,
         "error": "MemoryBudgetError: sampling needs 8.0 GiB",
     }
 

@@ -137,9 +137,32 @@ def test_margin_places_each_finished_cell_coloured_by_agreement():
     results = results_table(GRID, outcome=one_disagreement)
     figure = plot_margin(results)
     axis = figure.axes[0]
-    agreeing_points, disagreeing_points = (c.get_offsets() for c in axis.collections)
-    assert len(agreeing_points) == 3 and disagreeing_points.tolist() == [[pytest.approx(0.01), 0.5]]
-    assert "I~(predicted)" in axis.get_xlabel() and "selection frequency" in axis.get_ylabel()
+    agreeing_points, disagreeing_points = (c.lines[0].get_xydata().tolist() for c in axis.containers)
+    assert len(agreeing_points) == 3 and disagreeing_points == [[pytest.approx(0.01), 0.5]]
+    bars = axis.containers[1].lines[2][0].get_segments()[0]  # +- 3 standard errors of 0.001 around 0.01
+    assert bars[:, 0].tolist() == [pytest.approx(0.007), pytest.approx(0.013)]
+    assert "I~(best)" in axis.get_xlabel() and "3 standard errors" in axis.get_xlabel()
+    assert "selection frequency" in axis.get_ylabel()
+
+
+def tie_in_one_cell(cell, seed):
+    """(alpha 1.0, parents 1,3): the theory cannot tell 1,3 from 1,2; seed 1 selects 1,2, which agrees."""
+    outcome = agreeing(cell, seed)
+    if cell["alpha"] == 1.0 and cell["parents"] == (1, 3):
+        outcome.update(predicted_lags="1,3;1,2", theory_decisive=False, theory_margin=0.0005)
+        outcome["selected_lags"] = "1,2" if seed == 1 else "1,3"
+    return outcome
+
+
+def test_a_tie_is_shown_as_a_tie_and_selecting_any_tied_set_agrees():
+    results = results_table(GRID, outcome=tie_in_one_cell)
+    (axis,) = heatmaps(plot_theory_map(results))
+    texts = cell_texts(axis)
+    assert texts[(1, 1)] == "pred tie 1,3 | 1,2\nsel 1,3\n2/2 seeds"
+    assert not any(patch.get_gid() == "disagreement" for patch in axis.patches)
+    margin = plot_margin(results).axes[0]
+    (ties,) = [c for c in margin.containers if "a tie" in c.get_label()]
+    assert ties.lines[0].get_markerfacecolor() == "white" and ties.lines[0].get_xydata().tolist() == [[0.0005, 1.0]]
 
 
 @pytest.mark.parametrize(

@@ -14,11 +14,9 @@ import pytest
 
 from ih_circuits import TrainingRun, theory
 from ih_circuits.probes import find_parents
-from ih_circuits.seeds import derive_seed
 from ih_circuits.sweep import agreement_rate, cell_table, disagreements, load_results, run_sweep
 from ih_circuits.sweep.execute import selected_lags
 from ih_circuits.sweep.store import RECORD, RUNS
-from ih_circuits.training import PREDICTION_KERNELS
 
 # Every test here runs sweeps in spawned worker processes or on Ray (the module fixture alone takes seconds).
 pytestmark = pytest.mark.e2e
@@ -54,21 +52,14 @@ def test_records_agree_with_the_saved_runs_and_the_theory(local):
     _same_table(results, load_results(out))
     row = results.set_index("run_id").loc[ID]
     run = TrainingRun.load(out / RUNS / ID / "run")
-    predicted = theory.predicted_parent_set(
-        vocab_size=3,
-        parents=(1, 3),
-        alpha=0.05,
-        window=3,
-        max_degree=2,
-        n_kernels=PREDICTION_KERNELS,
-        seed=derive_seed(0, "theory") % 2**31,
-    )
-    scores = theory.selection_scores(
-        3, (1, 3), 0.05, n_kernels=PREDICTION_KERNELS, seed=derive_seed(0, "theory") % 2**31, window=3
-    ).modified
-    runner_up = max(v for s, v in scores.items() if len(s) <= 2 and s != predicted)
-    assert predicted == (1, 3) and row["predicted_lags"] == "1,3"
-    assert row["theory_margin"] == pytest.approx(scores[predicted] - runner_up, rel=1e-12)
+    scores = theory.selection_scores(3, (1, 3), 0.05, n_kernels=1000, seed=0, window=3)
+    per_kernel = dict(zip(scores.modified, scores.modified_per_kernel, strict=True))
+    runner_up = max((s for s in scores.modified if len(s) <= 2 and s != (1, 3)), key=scores.modified.get)
+    paired = per_kernel[(1, 3)] - per_kernel[runner_up]
+    assert run.predicted_lags == (1, 3) and row["predicted_lags"] == "1,3" and row["theory_decisive"]
+    assert row["theory_margin"] == pytest.approx(float(paired.mean()), rel=1e-9)
+    assert row["theory_margin_stderr"] == pytest.approx(float(paired.std() / 1000**0.5), rel=1e-9)
+    assert row["theory_margin"] > 3 * row["theory_margin_stderr"] > 0
     assert row["selected_lags"] == ",".join(map(str, selected_lags(run))) == "1,3"
     assert row["excess_loss"] == pytest.approx(float(run.history["excess_loss"].iloc[-1]), rel=1e-12)
     found = find_parents(run.model, run.task, n_sequences=256, seed=0).lags
