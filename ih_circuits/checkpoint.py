@@ -224,18 +224,18 @@ def _swap(staging: Path, directory: Path) -> None:
     aside = directory.parent / f".{directory.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(directory, aside)
     os.rename(staging, directory)
-    shutil.rmtree(aside)
+    shutil.rmtree(aside, ignore_errors=True)  # the new save is in place; a leftover is cleared by the next save
 
 
 def _writer_alive(leftover: Path) -> bool:
     """Whether the process named in a leftover's name (``.NAME.saving-PID-...``) is another one still running;
     a name without a process id (an older save) counts as finished."""
     parts = leftover.name.rsplit(".", 1)[-1].split("-")
-    if len(parts) < 3 or not parts[1].isdigit() or int(parts[1]) in (0, os.getpid()):
+    if len(parts) < 3 or not (parts[1].isascii() and parts[1].isdigit()) or int(parts[1]) in (0, os.getpid()):
         return False
     try:
         os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # running, as another user
         return True

@@ -13,7 +13,7 @@ O(batch * pos * d^(|S|+1)) memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -177,11 +177,13 @@ def oracle_predictive(
     Before that (rows t < max(pa) - 1) the next token is uniform, or, when ``start_law`` gives the law of
     the first max(pa) tokens (``init="stationary"``), its conditional given the tokens so far.
     """
+    if not isinstance(kernels, Tensor) or kernels.ndim != 3:
+        raise ValueError(f"kernels must be a torch.Tensor [batch, d^|parents|, d]; got {type(kernels).__name__}")
     d_vocab = kernels.shape[-1]
     check_tokens(tokens, d_vocab)
     parents = validate_lags(parents)
     expected = (tokens.shape[0], d_vocab ** len(parents), d_vocab)
-    if not isinstance(kernels, Tensor) or tuple(kernels.shape) != expected:
+    if tuple(kernels.shape) != expected:
         raise ValueError(
             f"kernels must have shape [batch, d^|parents|, d] = {list(expected)} for {tokens.shape[0]} sequences and "
             f"parents {parents}; got {list(getattr(kernels, 'shape', []))}"
@@ -253,8 +255,11 @@ def model_averaging(
     """
     d_vocab = check_tokens(tokens, d_vocab)
     tokens = tokens.long()  # any integer dtype is accepted; gather needs int64
-    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or not candidates:
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):
         raise ValueError(f"candidates must be a non-empty list of lag sets such as [(1,), (1, 2)]; got {candidates!r}")
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError("candidates must be a non-empty list of lag sets such as [(1,), (1, 2)]; got none")
     sets = [validate_lags(c, "candidates") for c in candidates]
     first = max((max(s, default=0) for s in sets), default=0)
     per_set = torch.stack(

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ih_circuits.checks import check_int, check_tokens
+from ih_circuits.checks import check_int, check_tokens, is_int
 from ih_circuits.seeds import make_generator
 
 
@@ -99,6 +99,8 @@ def sample_tokens(source: DataSource, n: int, *, seed: int) -> Int[Tensor, "batc
     sampled = source.sample(n, seed=seed)
     tokens = getattr(sampled, "tokens", sampled)
     what = f"{type(source).__name__}.sample({n})"
+    if not is_int(source.vocab_size) or source.vocab_size < 2:
+        raise ValueError(f"{type(source).__name__}.vocab_size must be an integer >= 2; got {source.vocab_size!r}")
     if not isinstance(tokens, Tensor):
         raise ValueError(
             f"{what} must return an integer tensor [n, seq_len] (or an object with .tokens); got "

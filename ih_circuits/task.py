@@ -249,7 +249,11 @@ class NGramTask:
         if not isinstance(data["parents"], list):
             raise ValueError(f"NGramTask parents must be a list of lags; got {data['parents']!r}")
         prior = prior_from_dict(data["prior"])
-        alpha = check_real(data["alpha"], "NGramTask alpha", 0.0, low_open=True)
-        if isinstance(prior, DirichletPrior) and isinstance(prior.alpha, float) and alpha != prior.alpha:
-            raise ValueError(f"NGramTask alpha={alpha} differs from its prior's alpha={prior.alpha}; they must agree")
+        alpha = check_real(data["alpha"], "NGramTask alpha")
+        if isinstance(prior, DirichletPrior) and isinstance(prior.alpha, float):  # alpha is the prior's own
+            check_real(alpha, "NGramTask alpha", 0.0, low_open=True)
+            if alpha != prior.alpha:
+                raise ValueError(
+                    f"NGramTask alpha={alpha} differs from its prior's alpha={prior.alpha}; they must agree"
+                )
         return cls(**{**data, "parents": tuple(data["parents"]), "prior": prior})

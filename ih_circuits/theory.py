@@ -447,6 +447,7 @@ def selection_scores(
     prior: KernelPrior | None = None,
     method: str = "auto",
     n_samples: int | None = None,
+    quiet: bool = False,
 ) -> SelectionScores:
     """I~(S) and I_chi2(S) for every candidate subset, with standard errors over the kernel draws.
 
@@ -492,6 +493,7 @@ def selection_scores(
             else Monte Carlo.
         n_samples: sampled windows per kernel for Monte Carlo, >= 2 (default ``DEFAULT_SAMPLES`` = 20000); not
             allowed with ``method="exact"``, unused when ``"auto"`` enumerates.
+        quiet: no progress bar (one is shown when ``estimated_seconds`` exceeds ``PROGRESS_SECONDS``).
 
     Returns:
         ``SelectionScores``: means, standard errors, per-kernel tables and the method used.
@@ -559,7 +561,9 @@ def selection_scores(
             f"{int(EXACT_MAX_SECONDS / per_kernel)}"
         )
     sampling = _sampling_generator(seed) if method == "monte_carlo" else None
-    progress = tqdm(total=n_kernels, desc=f"theory ({method})", unit="kernel", disable=seconds < PROGRESS_SECONDS)
+    progress = tqdm(
+        total=n_kernels, desc=f"theory ({method})", unit="kernel", disable=quiet or seconds < PROGRESS_SECONDS
+    )
     with progress:
         for start, kernels in _kernel_blocks(prior, n_kernels, n_rows, vocab_size, kernel_stream):
             out = (per_modified[:, start : start + len(kernels)], per_chi2[:, start : start + len(kernels)])
@@ -609,7 +613,7 @@ def modified_chi2_mi(
     ).modified
 
 
-def task_prediction(task: NGramTask, max_degree: int, window: int | None = None) -> Prediction:
+def task_prediction(task: NGramTask, max_degree: int, window: int | None = None, *, quiet: bool = False) -> Prediction:
     """The theory's prediction for ``task`` and a selector of degree ``max_degree`` that sees lags 1..window (at
     least the task's order): ``PREDICTION_KERNELS`` kernels from the task's prior, always seeded with
     ``PREDICTION_SEED``, method ``"auto"``. Training (``TrainingRun.predicted_lags``, the best set), the probes'
@@ -622,7 +626,7 @@ def task_prediction(task: NGramTask, max_degree: int, window: int | None = None)
     check_int(max_degree, "max_degree", 0)
     window = max(task.order, 1 if window is None else check_int(window, "window", 1))
     kernels = {"prior": task.prior, "n_kernels": PREDICTION_KERNELS, "seed": PREDICTION_SEED}
-    return selection_scores(task.vocab_size, task.parents, window=window, **kernels).prediction(max_degree)
+    return selection_scores(task.vocab_size, task.parents, window=window, quiet=quiet, **kernels).prediction(max_degree)
 
 
 def predicted_parent_set(

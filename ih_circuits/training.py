@@ -615,7 +615,7 @@ def train(
             raise ValueError(f"model d_vocab={cfg.d_vocab} but task vocab_size={task.vocab_size}")
         if task.seq_len > cfg.n_ctx:
             raise ValueError(f"task seq_len={task.seq_len} exceeds the model's n_ctx={cfg.n_ctx}")
-        predicted = task_prediction(task, cfg.max_degree, cfg.max_lag).best
+        predicted = task_prediction(task, cfg.max_degree, cfg.max_lag, quiet=quiet).best
     for stage in config.stages:
         parameter_groups(model, stage.groups)
     run = TrainingRun(model=model, task=task, config=config, predicted_lags=predicted)

@@ -282,3 +282,11 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_save_survives(tmp_path)
     assert "File too large; nothing was replaced (a previous save there is intact)" in message
     assert which_save(tmp_path / "run") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_leftovers_whose_names_are_not_process_ids_never_fail_a_save(tmp_path):
+    """A huge or non-ASCII 'process id' in a leftover's name (a hand-made directory) counts as finished."""
+    for name in (".run.saving-99999999999999999999-abc", ".run.saving-\u00b2-abc", ".run.replaced-0-x"):
+        (tmp_path / name).mkdir()
+    filled_run(1.0, 1).save(tmp_path / "run", overwrite=True)  # a .replaced leftover counts as a previous save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -180,11 +180,6 @@ EDITS = {
         lambda p: edit_json(p, lambda d: d["task"].update(alpha=0.5)),
         r"run.json: task: NGramTask alpha=0.5 differs from its prior's alpha=0.1",
     ),
-    "classifier scale past the bound": (
-        "model/model.safetensors",
-        lambda p: set_weight(p, "blocks.1.attn.a", 1e30),
-        r"the classifier scale a = 1e\+30 is outside \[-10000, 10000\]",
-    ),
 }
 
 

@@ -15,7 +15,7 @@ LAYERS = [
     {"seeds", "memory", "checkpoint", "chain"},
     {"priors", "predictors", "task", "sources", "theory"},
     {"model", "adapters"},
-    {"history", "training", "presets", "baselines"},
+    {"history", "training", "presets", "baselines", "optimal"},
     {"probes"},
     {"views", "reporting"},
     {"sweep"},

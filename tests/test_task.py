@@ -189,3 +189,11 @@ def test_a_long_chain_shows_progress_and_a_short_one_does_not(monkeypatch, capsy
     batch = NGramTask(3, (1, 2), 2000).sample(4, seed=0)
     assert "sample: " in capsys.readouterr().err
     assert torch.equal(batch.tokens, NGramTask(3, (1, 2), 2000).sample(4, seed=0).tokens)  # the bar changes nothing
+
+
+def test_a_task_with_another_prior_round_trips_whatever_its_alpha():
+    """alpha belongs to the Dirichlet prior; under another prior it is carried along, not checked against it."""
+    from ih_circuits import SparseSupportPrior
+
+    task = NGramTask(vocab_size=3, parents=(1,), seq_len=20, alpha=0.0, prior=SparseSupportPrior(2))
+    assert NGramTask.from_dict(task.to_dict()) == task

@@ -277,3 +277,13 @@ def test_the_task_prediction_names_every_set_the_kernels_cannot_separate(parents
     assert prediction.text() == expected
     assert prediction.decisive == (";" not in expected)
     assert (prediction.margin > 3 * prediction.margin_stderr) == prediction.decisive
+
+
+def test_quiet_training_hides_the_theorys_progress_bar(monkeypatch, capsys):
+    from ih_circuits import train_preset
+
+    monkeypatch.setattr(theory, "PROGRESS_SECONDS", 0.0)
+    train_preset("cwa", steps=1, batch_size=32, eval_size=32, quiet=True)
+    assert "theory" not in capsys.readouterr().err
+    theory.task_prediction(__import__("ih_circuits").NGramTask(3, (1, 2), 20), max_degree=2, window=2)
+    assert "theory (exact): 100%" in capsys.readouterr().err

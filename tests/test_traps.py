@@ -159,6 +159,10 @@ def test_the_controls_say_why_when_they_cannot_compare(without_runtime_typecheck
         ),
         (lambda model, task, tokens: ih.NGramTask(3, (1,), 10, alpha="0.1"), r"alpha must be a finite .*; got '0.1'"),
         (
+            lambda model, task, tokens: ih.oracle_predictive(tokens, [[[1.0]]], (1,)),
+            r"kernels must be a torch.Tensor \[batch, d\^\|parents\|, d\]; got list",
+        ),
+        (
             lambda model, task, tokens: ih.model_averaging(tokens, candidates="12"),
             r"candidates must be a non-empty list of lag sets such as \[\(1,\), \(1, 2\)\]; got '12'",
         ),
@@ -180,6 +184,7 @@ def test_the_controls_say_why_when_they_cannot_compare(without_runtime_typecheck
         "training seed 2**64",
         "lr 1e300",
         "oracle kernels of the wrong shape",
+        "oracle kernels as a list",
         "alpha as text",
         "candidates as text",
         "d_vocab 0",

@@ -433,12 +433,6 @@ class IHTransformer(HookedRootModule):
                 )
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{directory / WEIGHTS_FILE}: parameter {name} holds non-finite values")
-        scale = weights.get("blocks.1.attn.a")
-        if scale is not None and scale.abs().max() > MAX_CLASSIFIER_SCALE:
-            raise ValueError(
-                f"{directory / WEIGHTS_FILE}: the classifier scale a = {scale.flatten()[0].item():.3g} is outside "
-                f"[-{MAX_CLASSIFIER_SCALE:g}, {MAX_CLASSIFIER_SCALE:g}] (beyond it float32 routes disagree)"
-            )
         model.load_state_dict(weights)
         return model
 

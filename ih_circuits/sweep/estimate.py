@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ih_circuits.optimal import optimal_shares
 from ih_circuits.presets import preset_parts
 from ih_circuits.probes import decomposition_test
 from ih_circuits.sweep.spec import RunSpec
@@ -28,7 +29,8 @@ class _Enough(Exception):
 
 
 def run_seconds(run: RunSpec) -> tuple[float, float, float]:
-    """(setup seconds, seconds per training step, probe seconds) of ``run``, measured on one thread."""
+    """(setup seconds, seconds per training step, seconds of the probe and, when the spec asks, the optimal
+    selector) of ``run``, measured on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -43,13 +45,16 @@ def run_seconds(run: RunSpec) -> tuple[float, float, float]:
 
         start = time.perf_counter()
         try:
-            train(model, task, config, quiet=True, callback=stop_after_timed_steps)
+            if train(model, task, config, quiet=True, callback=stop_after_timed_steps).interrupted:
+                raise KeyboardInterrupt  # train holds a Ctrl-C until its step ends; the estimate passes it on
         except _Enough:
             pass
         step = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
         setup = max(stamps[0] - start - step, 0.0)
         start = time.perf_counter()
         decomposition_test(model, task, n_sequences=run.n_sequences, seed=run.seed)
+        if run.optimal:
+            optimal_shares(task, model.config.max_degree, model.config.max_lag)
         return setup, step, time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)

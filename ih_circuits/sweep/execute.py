@@ -7,6 +7,7 @@ driver alone writes the sweep directory, and a Ray cluster needs no shared file 
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 import traceback
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ih_circuits.optimal import lag_set_text, optimal_shares, share_distance
 from ih_circuits.presets import preset_parts
 from ih_circuits.probes import decomposition_test
 from ih_circuits.sweep.spec import RunSpec, format_value
@@ -63,6 +65,18 @@ def selected_lags(training: TrainingRun) -> tuple[int, ...]:
     return tuple(sorted({head_lags[h] for h in leading}))
 
 
+def selected_shares(training: TrainingRun) -> dict[str, float]:
+    """The trained selector's shares by lag set (``"1,2"``): each head subset's share under the lags its heads
+    copy, summed over subsets that copy the same lags."""
+    model = training.model
+    head_lags = model.head_lags()
+    shares: dict[str, float] = {}
+    for subset, share in model.selector_shares().items():
+        name = lag_set_text(tuple(sorted({head_lags[h] for h in subset})))
+        shares[name] = shares.get(name, 0.0) + share
+    return shares
+
+
 def execute_run(run: RunSpec) -> RunOutcome:
     """Train ``run``, probe it (``decomposition_test``, which runs ``find_parents``) and return its outcome.
 
@@ -75,7 +89,9 @@ def execute_run(run: RunSpec) -> RunOutcome:
         model, task, config = preset_parts(run.preset, seed=run.seed, **run.overrides())
         training = train(model, task, config, quiet=True)
         decomposition = decomposition_test(model, task, n_sequences=run.n_sequences, seed=run.seed)
-        prediction = task_prediction(task, model.config.max_degree, model.config.max_lag)
+        prediction = task_prediction(task, model.config.max_degree, model.config.max_lag, quiet=True)
+        selected = selected_shares(training)
+        optimal = optimal_shares(task, model.config.max_degree, model.config.max_lag) if run.optimal else None
         last = training.history.iloc[-1]
         outcome = {
             "status": "ok",
@@ -89,6 +105,9 @@ def execute_run(run: RunSpec) -> RunOutcome:
             "excess_loss": float(last["excess_loss"]),
             "theory_margin": prediction.margin,
             "theory_margin_stderr": prediction.margin_stderr,
+            "selected_shares": json.dumps(selected, sort_keys=True),
+            "optimal_shares": "" if optimal is None else json.dumps(optimal.shares, sort_keys=True),
+            "share_tv": float("nan") if optimal is None else share_distance(optimal.shares, selected),
         }
         with tempfile.TemporaryDirectory() as scratch:
             saved = training.save(Path(scratch) / RUN_DIRECTORY)

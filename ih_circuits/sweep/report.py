@@ -64,8 +64,8 @@ errors of 0 the prediction is a tie.</p>
 
 
 def _as_text(frame: pd.DataFrame, finished: pd.Series, missing: str) -> pd.DataFrame:
-    """The table as text: the answers of finished rows (``""`` = "empty"), numbers to 4 significant digits, and
-    ``missing`` where there is no value (an answer of a row with no finished run, or a NaN)."""
+    """The table as text: the answers of finished rows (``""`` = "empty"), numbers to 4 significant digits,
+    ``missing`` for a row with no finished run, and blank for a number a finished row did not compute."""
     shown = frame.astype(object)
     for column in frame.columns:
         if column in ANSWER_COLUMNS:
@@ -74,8 +74,11 @@ def _as_text(frame: pd.DataFrame, finished: pd.Series, missing: str) -> pd.DataF
             shown[column] = [
                 ("yes" if v else "no, a tie") if ok else missing for v, ok in zip(frame[column], finished, strict=True)
             ]
-        elif frame[column].dtype.kind == "f":
-            shown[column] = [missing if math.isnan(v) else f"{v:.4g}" for v in frame[column]]
+        elif frame[column].dtype.kind == "f":  # a NaN of a finished row was not computed (share_tv without optimal)
+            shown[column] = [
+                f"{v:.4g}" if not math.isnan(v) else "" if ok else missing
+                for v, ok in zip(frame[column], finished, strict=True)
+            ]
     return shown
 
 

@@ -15,6 +15,9 @@ Columns of the results table, one row per run in the spec's order:
 - ``eval_loss``, ``bayes_loss``, ``excess_loss`` (nats, last evaluation of the run);
 - ``theory_margin``: I~(best) minus the next best I~ within the degree (how sure the theory is), and
   ``theory_margin_stderr`` its standard error over the kernels (paired);
+- ``selected_shares``: the trained selector's shares by lag set, as JSON (``{"1,2": 0.97, "1": 0.01, ...}``);
+  ``optimal_shares``: the optimal selector's (``ih_circuits.optimal``, when the spec asks ``[theory] optimal``,
+  else ``""``), and ``share_tv`` the total-variation distance between the two (NaN without it);
 - ``wall_time_s``: the run's wall time in its worker (the only column that differs between identical runs).
 """
 
@@ -45,10 +48,13 @@ OUTCOME_COLUMNS = (
     "excess_loss",
     "theory_margin",
     "theory_margin_stderr",
+    "selected_shares",
+    "optimal_shares",
+    "share_tv",
     "wall_time_s",
     "error",
 )
-TEXT_COLUMNS = ("run_id", "preset", "status", "verdict", "error", *LAG_COLUMNS)
+TEXT_COLUMNS = ("run_id", "preset", "status", "verdict", "error", "selected_shares", "optimal_shares", *LAG_COLUMNS)
 
 
 def results_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -107,8 +113,15 @@ def grid_columns(results: pd.DataFrame) -> list[str]:
 def in_prediction(selected: pd.Series, predicted: pd.Series) -> pd.Series:
     """Whether each selected lag set is one of its row's predicted sets (a tie names several, ``;``-separated)."""
     return pd.Series(
-        [s in p.split(";") for s, p in zip(selected, predicted, strict=True)], index=selected.index, dtype=bool
+        [_lag_text(s) in _lag_text(p).split(";") for s, p in zip(selected, predicted, strict=True)],
+        index=selected.index,
+        dtype=bool,
     )
+
+
+def _lag_text(value: Any) -> str:
+    """A lag-set cell as text, whatever pandas made of it (``1`` from a plain read_csv; NaN or None: empty)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def _mode(values: pd.Series) -> str:
@@ -124,7 +137,7 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
     seeds; a tie keeps its ``;``-separated sets), ``selection_frequency`` (the share of seeds whose selected set
     is a predicted one; NaN with no finished run), ``agrees`` (every finished seed selected a predicted set),
     ``theory_decisive`` (the prediction names one set), ``holds_frequency`` (the share whose decomposition
-    holds), and the means of ``excess_loss``, ``theory_margin`` and ``theory_margin_stderr``.
+    holds), and the means of ``excess_loss``, ``theory_margin``, ``theory_margin_stderr`` and ``share_tv``.
     """
     grid = grid_columns(results) if grid is None else list(grid)
     missing = [c for c in grid if c not in results.columns]
@@ -142,15 +155,16 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
                 **dict(zip(grid, key, strict=True)),
                 "runs": len(runs),
                 "ok": len(ok),
-                "predicted_lags": _mode(ok["predicted_lags"]),
-                "selected_lags": _mode(ok["selected_lags"]),
+                "predicted_lags": _mode(ok["predicted_lags"].map(_lag_text)),
+                "selected_lags": _mode(ok["selected_lags"].map(_lag_text)),
                 "selection_frequency": frequency,
                 "agrees": bool(len(ok)) and bool(agree.all()),
-                "theory_decisive": bool(len(ok)) and bool(ok["theory_decisive"].astype(bool).all()),
+                "theory_decisive": bool(len(ok)) and bool(ok["theory_decisive"].eq(True).all()),  # missing: no
                 "holds_frequency": float((ok["verdict"] == "holds").mean()) if len(ok) else math.nan,
                 "excess_loss": float(ok["excess_loss"].mean()) if len(ok) else math.nan,
                 "theory_margin": float(ok["theory_margin"].mean()) if len(ok) else math.nan,
                 "theory_margin_stderr": float(ok["theory_margin_stderr"].mean()) if len(ok) else math.nan,
+                "share_tv": float(ok["share_tv"].mean()) if len(ok) and "share_tv" in ok else math.nan,
             }
         )
     return pd.DataFrame(rows)

@@ -16,6 +16,9 @@ A spec is a Python dict or a TOML file with the same keys::
     [probe]                   # optional: the probes' settings
     n_sequences = 256
 
+    [theory]                  # optional: also compute the optimal selector (ih_circuits.optimal), seconds per run
+    optimal = false
+
 Overrides are those of ``preset_parts`` (task, model, training and stage fields). A run is one cell and one
 seed; its id names its values, e.g. ``alpha=0.05_parents=1,2_seed=0``, and is its directory in the sweep.
 
@@ -41,11 +44,12 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-SPEC_KEYS = {"preset", "seeds", "steps", "grid", "fixed", "probe"}
+SPEC_KEYS = {"preset", "seeds", "steps", "grid", "fixed", "probe", "theory"}
 # The most runs a spec may expand to unless the caller raises it (run_sweep(max_runs=...), --max-runs): ten
 # thousand runs of the example's size take about 14 hours on 2 cores.
 DEFAULT_MAX_RUNS = 10_000
 PROBE_KEYS = {"n_sequences"}
+THEORY_KEYS = {"optimal"}
 
 
 def format_value(value: Any) -> str:
@@ -73,6 +77,7 @@ class RunSpec:
     cell: tuple[tuple[str, Any], ...]
     fixed: tuple[tuple[str, Any], ...] = ()
     n_sequences: int = 256
+    optimal: bool = False
 
     @property
     def run_id(self) -> str:
@@ -93,6 +98,7 @@ class SweepSpec:
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
     n_sequences: int = 256
+    optimal: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, max_runs: int | None = DEFAULT_MAX_RUNS) -> SweepSpec:
@@ -140,6 +146,12 @@ class SweepSpec:
             raise ValueError(f"probe must be a table with keys from {sorted(PROBE_KEYS)}; got {probe!r}")
         n_sequences = probe.get("n_sequences", 256)
         check_int(n_sequences, "probe.n_sequences", 16)
+        theory = data.get("theory", {})
+        if not isinstance(theory, Mapping) or set(theory) - THEORY_KEYS:
+            raise ValueError(f"theory must be a table with keys from {sorted(THEORY_KEYS)}; got {theory!r}")
+        optimal = theory.get("optimal", False)
+        if not isinstance(optimal, bool):
+            raise ValueError(f"theory.optimal must be true or false; got {optimal!r}")
         n_runs = math.prod(len(values) for values in grid.values()) * len(seeds)
         if max_runs is not None and n_runs > check_int(max_runs, "max_runs (or None)", 1):
             raise ValueError(
@@ -153,6 +165,7 @@ class SweepSpec:
             grid={k: tuple(_normalise(f"grid.{k}", v) for v in vs) for k, vs in grid.items()},
             fixed={k: _normalise(f"fixed.{k}", v) for k, v in fixed.items()},
             n_sequences=n_sequences,
+            optimal=optimal,
         )
         spec._check_runs()
         return spec
@@ -184,13 +197,14 @@ class SweepSpec:
             "grid": {k: [plain(v) for v in vs] for k, vs in self.grid.items()},
             "fixed": {k: plain(v) for k, v in self.fixed.items()},
             "probe": {"n_sequences": self.n_sequences},
+            "theory": {"optimal": self.optimal},
         }
 
     def runs(self) -> list[RunSpec]:
         """Every cell of the grid (the first key varies slowest) times every seed."""
-        fixed = tuple(self.fixed.items())
+        fixed, settings = tuple(self.fixed.items()), (self.n_sequences, self.optimal)
         return [
-            RunSpec(self.preset, seed, tuple(zip(self.grid, values, strict=True)), fixed, self.n_sequences)
+            RunSpec(self.preset, seed, tuple(zip(self.grid, values, strict=True)), fixed, *settings)
             for values in itertools.product(*self.grid.values())
             for seed in self.seeds
         ]

@@ -37,3 +37,16 @@ def test_a_run_is_timed_in_part_and_cells_that_fail_give_no_estimate():
     run = SweepSpec.from_dict({"preset": "cwa", "steps": 20, "fixed": {"batch_size": 64}, "probe": {"n_sequences": 16}})
     setup, step, probe = run_seconds(run.runs()[0])
     assert setup >= 0 and step > 0 and probe > 0
+
+
+def test_a_ctrl_c_during_the_estimate_stops_the_sweep(monkeypatch):
+    """train() holds a Ctrl-C until its step ends and returns the run marked interrupted; the estimate passes the
+    interrupt on instead of going on to the probe and the sweep."""
+    from types import SimpleNamespace
+
+    from ih_circuits.sweep import estimate
+
+    monkeypatch.setattr(estimate, "train", lambda *args, **kwargs: SimpleNamespace(interrupted=True))
+    run = SweepSpec.from_dict({"preset": "cwa", "steps": 20}).runs()[0]
+    with pytest.raises(KeyboardInterrupt):
+        run_seconds(run)

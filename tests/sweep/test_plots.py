@@ -224,3 +224,19 @@ def test_synthetic_tables_have_the_documented_columns():
     assert list(results.columns[:5]) == ["run_id", "preset", "seed", "alpha", "parents"]
     assert tuple(results.columns[-len(OUTCOME_COLUMNS) :]) == OUTCOME_COLUMNS
     assert (results["status"] == "failed").sum() == 3
+
+
+def test_a_table_read_with_plain_pandas_or_without_tie_columns_still_agrees(tmp_path):
+    """pd.read_csv turns "1" into 1 and "" into NaN; the helpers read lag sets as text whatever they became. A run
+    without the tie column (written before it existed) counts as not decisive, never as decisive."""
+    import pandas as pd
+
+    from ih_circuits.sweep import agreement_rate, cell_table
+
+    results = results_table({"parents": [(1,), (2,)]})
+    results.to_csv(tmp_path / "plain.csv", index=False)
+    plain = pd.read_csv(tmp_path / "plain.csv")
+    assert plain["predicted_lags"].dtype.kind == "i" and plain["selected_lags"].tolist() == [1, 1, 2, 2]
+    assert agreement_rate(plain) == 1.0 and cell_table(plain)["agrees"].all()
+    results["theory_decisive"] = float("nan")
+    assert not cell_table(results)["theory_decisive"].any()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ih_circuits import TrainingRun, theory
+from ih_circuits import NGramTask, TrainingRun, theory
 from ih_circuits.probes import find_parents
 from ih_circuits.sweep import agreement_rate, cell_table, disagreements, load_results, run_sweep
 from ih_circuits.sweep.execute import selected_lags
@@ -246,3 +246,32 @@ def test_a_sweep_says_how_many_runs_and_about_how_long_before_it_starts(tmp_path
     assert main(["sweep", str(spec), "--out", str(tmp_path / "big"), "--max-runs", "2", "--quiet"]) == 2
     assert "3 runs (3 cells x 1 seeds), above max_runs=2" in capsys.readouterr().err
     assert not (tmp_path / "big").exists()
+
+
+def test_a_sweep_that_asks_for_the_optimal_selector_records_both_share_tables(tmp_path):
+    """``[theory] optimal = true``: each run records its trained selector's shares by lag set, the optimal
+    selector's (the same for every seed of the cell) and the total-variation distance between them."""
+    import json
+
+    from ih_circuits.optimal import optimal_shares, share_distance
+
+    spec = {
+        "preset": "cwa",
+        "seeds": [0, 1],
+        "steps": 20,
+        "fixed": {"parents": [1, 2, 3], "alpha": 1.0, "max_degree": 1, "batch_size": 256},
+        "probe": {"n_sequences": 32},
+        "theory": {"optimal": True},
+    }
+    results = run_sweep(spec, tmp_path / "sweep", workers=2, quiet=True)
+    assert (results["status"] == "ok").all() and (results["predicted_lags"] == "2;3;1").all()
+    assert not results["theory_decisive"].any()
+    optimal = [json.loads(text) for text in results["optimal_shares"]]
+    assert optimal[0] == optimal[1]
+    expected = optimal_shares(NGramTask(3, (1, 2, 3), 101, alpha=1.0), max_degree=1, window=3)
+    assert optimal[0] == pytest.approx(expected.shares, abs=1e-6)
+    for row, best in zip(results.itertuples(), optimal, strict=True):
+        selected = json.loads(row.selected_shares)
+        assert set(selected) <= {"", "1", "2", "3"} and sum(selected.values()) == pytest.approx(1.0)
+        assert row.share_tv == pytest.approx(share_distance(best, selected)) and 0 <= row.share_tv <= 1
+    assert load_results(tmp_path / "sweep")["share_tv"].tolist() == pytest.approx(results["share_tv"].tolist())

@@ -127,3 +127,14 @@ def test_every_cell_is_built_once_whatever_the_seeds(monkeypatch):
 def test_seeds_beyond_64_bits_are_refused():
     with pytest.raises(ValueError, match=r"seeds must be a non-empty list of distinct integers in \[0, 2\*\*63 - 1\]"):
         SweepSpec.from_dict({"preset": "cwa", "seeds": [2**64]})
+
+
+def test_the_theory_table_asks_for_the_optimal_selector():
+    spec = SweepSpec.from_dict({"preset": "cwa", "theory": {"optimal": True}})
+    assert spec.optimal and spec.runs()[0].optimal and spec.to_dict()["theory"] == {"optimal": True}
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+    assert not SweepSpec.from_dict({"preset": "cwa"}).runs()[0].optimal
+    with pytest.raises(ValueError, match="theory.optimal must be true or false; got 'yes'"):
+        SweepSpec.from_dict({"preset": "cwa", "theory": {"optimal": "yes"}})
+    with pytest.raises(ValueError, match=r"theory must be a table with keys from \['optimal'\]"):
+        SweepSpec.from_dict({"preset": "cwa", "theory": {"kernels": 5}})
