@@ -137,13 +137,15 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
     seeds; a tie keeps its ``;``-separated sets), ``selection_frequency`` (the share of seeds whose selected set
     is a predicted one; NaN with no finished run), ``agrees`` (every finished seed selected a predicted set),
     ``theory_decisive`` (the prediction names one set), ``holds_frequency`` (the share whose decomposition
-    holds), and the means of ``excess_loss``, ``theory_margin``, ``theory_margin_stderr`` and ``share_tv``.
+    holds), and the means of ``excess_loss``, ``theory_margin``, ``theory_margin_stderr`` and, when the sweep
+    computed the optimal selector (``[theory] optimal``), ``share_tv``.
     """
     grid = grid_columns(results) if grid is None else list(grid)
     missing = [c for c in grid if c not in results.columns]
     if missing:
         raise ValueError(f"grid columns {missing} are not in the results; columns: {list(results.columns)}")
     rows = []
+    optimal = "share_tv" in results and bool(results["share_tv"].notna().any())
     groups = results.groupby(grid, sort=False, dropna=False) if grid else [((), results)]
     for key, runs in groups:
         key = key if isinstance(key, tuple) else (key,)
@@ -164,7 +166,7 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
                 "excess_loss": float(ok["excess_loss"].mean()) if len(ok) else math.nan,
                 "theory_margin": float(ok["theory_margin"].mean()) if len(ok) else math.nan,
                 "theory_margin_stderr": float(ok["theory_margin_stderr"].mean()) if len(ok) else math.nan,
-                "share_tv": float(ok["share_tv"].mean()) if len(ok) and "share_tv" in ok else math.nan,
+                **({"share_tv": float(ok["share_tv"].mean()) if len(ok) else math.nan} if optimal else {}),
             }
         )
     return pd.DataFrame(rows)

@@ -240,3 +240,12 @@ def test_a_table_read_with_plain_pandas_or_without_tie_columns_still_agrees(tmp_
     assert agreement_rate(plain) == 1.0 and cell_table(plain)["agrees"].all()
     results["theory_decisive"] = float("nan")
     assert not cell_table(results)["theory_decisive"].any()
+
+
+def test_cell_table_has_share_tv_only_when_the_optimal_selector_was_computed():
+    from ih_circuits.sweep import cell_table
+
+    results = results_table(GRID)
+    assert "share_tv" not in cell_table(results)
+    results["share_tv"] = [0.1 * (i % 2) for i in range(len(results))]
+    assert cell_table(results)["share_tv"].tolist() == pytest.approx([0.05] * len(cell_table(results)))
