@@ -188,7 +188,8 @@ section("kills during saves")
 
 def kill_during_save(directory: Path, seed: int) -> None:
     """Save A; a child saves B over it (again and again) and is SIGKILLed at a random moment; the directory
-    must load to exactly A or B, or refuse clearly."""
+    must load to exactly A or B (a kill between a save's two renames loads the previous save, with a warning).
+    A refusal counts as a clear error, and the README's table has none."""
     a, b = short_run(seed=0, steps=4), short_run(seed=1, steps=6)
     save(a, directory / "run")
     child = os.fork()

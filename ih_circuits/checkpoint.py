@@ -3,9 +3,10 @@
 A save writes every file into a staging directory beside the target, adds ``manifest.json`` (the size and
 SHA-256 of every file) last, and only then renames the staging directory into place; a directory that
 already held a save is first renamed aside and removed once the new one is in place. So a process killed at
-any moment leaves the target holding one complete save or nothing, never a mix: a kill between the two
-renames leaves the previous save beside it as ``.NAME.replaced-*``, and a load says where. A load checks the
-manifest (its format known, every file present, sizes and checksums equal) before reading anything.
+any moment leaves one complete save, never a mix: a kill between the two renames leaves the target missing
+and the previous save beside it as ``.NAME.replaced-*``, which a load then reads (with a warning naming it) and
+the next save clears. A load checks the manifest (its format known, every file present, sizes and checksums
+equal) before reading anything.
 
 Saving into a directory that already holds something refuses unless ``overwrite=True``; a symbolic link is
 refused (the rename would replace the link, not the directory it points to). Staging and set-aside directories
@@ -22,6 +23,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,6 +197,27 @@ def verify(directory: str | Path, kind: str) -> dict[str, Any]:
         if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
             raise ValueError(f"{path} does not match its checksum in {MANIFEST}: the file was changed or damaged")
     return manifest
+
+
+def open_save(directory: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The directory holding the ``kind`` save at ``directory``, and its checked manifest (see ``verify``).
+
+    That is ``directory`` itself, unless a save into it was killed between its two renames: then the directory
+    is missing and its previous save lies beside it as ``.NAME.replaced-*``; that complete save is the one to
+    read (the newest, if concurrent writers left several), with a warning naming it.
+    """
+    directory = Path(directory)
+    previous = [] if directory.exists() else _leftovers(directory, "replaced")
+    complete = [leftover for leftover in previous if (leftover / MANIFEST).is_file()]
+    if not complete:
+        return directory, verify(directory, kind)
+    newest = max(complete, key=lambda leftover: leftover.stat().st_ctime_ns)
+    warnings.warn(
+        f"{directory} is missing: a save into it was interrupted between its two renames, so this loads the "
+        f"previous save, set aside at {newest} (the next save to {directory} clears it)",
+        stacklevel=3,
+    )
+    return newest, verify(newest, kind)
 
 
 def read_json(path: Path) -> Any:

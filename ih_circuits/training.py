@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ih_circuits.adapters import white_box
 from ih_circuits.chain import validate_lags
-from ih_circuits.checkpoint import atomic_directory, check_fields, read_json, verify
+from ih_circuits.checkpoint import atomic_directory, check_fields, open_save, read_json
 from ih_circuits.checks import check_int, check_real
 from ih_circuits.history import history_columns, read_history, subset_column, weight_column
 from ih_circuits.memory import items_per_chunk
@@ -305,8 +305,8 @@ class TrainingRun:
         this model, the optimizer state one of the stages'. Each failure is a ``ValueError`` naming the file
         and the field.
         """
-        directory = Path(directory)
-        listed = verify(directory, RUN_KIND)["files"]
+        directory, manifest = open_save(directory, RUN_KIND)
+        listed = manifest["files"]
         if "run.json" not in listed:
             raise ValueError(f"{directory} is not a saved TrainingRun: run.json is missing")
         meta_path = directory / "run.json"

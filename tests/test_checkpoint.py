@@ -5,6 +5,7 @@ import os
 import random
 import signal
 import time
+import warnings
 
 import pandas as pd
 import pytest
@@ -113,12 +114,19 @@ def test_non_finite_weights_are_refused_on_load(tmp_path):
         IHTransformer.from_pretrained(tmp_path / "nan")
 
 
-def test_a_save_interrupted_between_its_renames_points_to_the_previous_save(tmp_path):
+def test_a_save_interrupted_between_its_renames_loads_the_previous_save(tmp_path):
     filled_run(1.0, 1).save(tmp_path / "run")
     aside = tmp_path / ".run.replaced-0000"
     os.rename(tmp_path / "run", aside)  # the state a kill between the two renames leaves
+    with pytest.warns(UserWarning, match=r"run is missing: a save into it was interrupted .* set aside at .*replaced"):
+        assert which_save(tmp_path / "run") == 1
+    (aside / MANIFEST).unlink()  # an incomplete leftover is never read
     with pytest.raises(ValueError, match=r"does not exist; an interrupted save left the previous save at .*replaced"):
         TrainingRun.load(tmp_path / "run")
+    (tmp_path / "run").mkdir()  # the target exists again: it is read, never the leftover
+    with pytest.raises(ValueError, match="manifest.json is missing"):
+        TrainingRun.load(tmp_path / "run")
+    (tmp_path / "run").rmdir()
     with pytest.raises(ValueError, match="already holds a save"):
         filled_run(2.0, 2).save(tmp_path / "run")
     filled_run(2.0, 2).save(tmp_path / "run", overwrite=True)
@@ -153,11 +161,12 @@ def test_bad_targets_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
 @pytest.mark.e2e
 def test_random_kills_during_saves_never_leave_a_mix(tmp_path):
     """A forked child saves two different runs in turn into one directory until it is SIGKILLed at a random
-    moment; 100 times. Each time the directory loads to exactly one of the two saves, or refuses clearly."""
+    moment; 100 times. Each time the directory loads to exactly one of the two saves (a kill between the two
+    renames loads the previous save, with a warning)."""
     runs = {1: filled_run(1.0, 1), 2: filled_run(2.0, 2)}
     target = tmp_path / "run"
     generator = random.Random(0)
-    outcomes = {1: 0, 2: 0, "refused": 0}
+    outcomes = {1: 0, 2: 0}
     for _ in range(100):
         pid = os.fork()
         if pid == 0:  # the child: save forever, never return into pytest
@@ -171,13 +180,11 @@ def test_random_kills_during_saves_never_leave_a_mix(tmp_path):
         time.sleep(generator.uniform(0.0, 0.15))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*run is missing: a save into it was interrupted", UserWarning)
             outcomes[which_save(target)] += 1
-        except ValueError as error:
-            assert "interrupted save" in str(error) or "does not exist" in str(error), error
-            outcomes["refused"] += 1
-    # Both saves are seen (the kills land at varied points); a refusal needs a kill between two renames.
-    assert outcomes[1] >= 20 and outcomes[2] >= 20 and sum(outcomes.values()) == 100, outcomes
+    # Both saves are seen, so the kills land at varied points: measured 50/50 quiet, 81/19 on busy cores.
+    assert outcomes[1] >= 5 and outcomes[2] >= 5, outcomes
 
 
 @pytest.fixture

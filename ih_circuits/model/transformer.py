@@ -36,7 +36,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from ih_circuits.chain import validate_lags
-from ih_circuits.checkpoint import atomic_directory, read_json, verify
+from ih_circuits.checkpoint import atomic_directory, open_save, read_json
 from ih_circuits.checks import check_device, check_real, check_tokens
 from ih_circuits.memory import check_memory, memory_limit
 from ih_circuits.model.cache import IHActivationCache
@@ -396,8 +396,8 @@ class IHTransformer(HookedRootModule):
     def from_pretrained(cls, directory: str | Path, *, device: str | None = None) -> IHTransformer:
         """Load a ``save_pretrained`` directory after checking its manifest; a weight that does not fit the
         config, or is not finite, is an error."""
-        directory = Path(directory)
-        listed = verify(directory, CHECKPOINT_KIND)["files"]
+        directory, manifest = open_save(directory, CHECKPOINT_KIND)
+        listed = manifest["files"]
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if name not in listed:
                 raise ValueError(f"{directory} is not an IHTransformer checkpoint: {name} is missing")
