@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Extra requirement installed with the package: `make test-tl3` sets it to the newest TransformerLens 3.x.
 TL_SPEC ?=
 
-.PHONY: venv install install-dev demo test test-e2e test-slow test-tl3 test-all lint bench bench-byom bench-scale bench-sweep battery browser clean
+.PHONY: venv install install-dev demo test test-e2e test-slow test-tl3 test-all lint bench bench-byom bench-scale bench-sweep battery study browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,10 @@ bench-sweep: install-dev
 # Cost and peak memory as T and d grow, the every-position targets, training and theory at scale (about 2 min on a quiet machine, 6 under load).
 bench-scale: install
 	$(PY) benchmarks/bench_scale.py
+
+# The study "Where the theory holds" (examples/theory_limits.toml, 20 runs, about 25 min on 2 cores): its README tables.
+study: install
+	$(PY) examples/theory_limits.py out/theory_limits
 
 # Bad inputs, extreme values, damaged files and kills, each in a forked child; prints the totals (about 5 min).
 battery: install

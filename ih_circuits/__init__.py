@@ -11,7 +11,7 @@ from typing import Any
 
 # Each public name and the module that defines it. They load on first use (PEP 562), so `import ih_circuits` and
 # the `ih-circuits` command start without torch, and a Ctrl-C while torch loads is the command's own "interrupted".
-_SUBMODULES = ("baselines", "model", "optimal", "probes", "sources", "sweep", "theory", "views")
+_SUBMODULES = ("baselines", "model", "optimal", "ordinary", "probes", "sources", "sweep", "theory", "views")
 _HOMES = {
     "ih_circuits.checkpoint": ("SaveError",),
     "ih_circuits.memory": ("MemoryBudgetError", "memory_limit", "set_memory_limit"),
@@ -89,6 +89,7 @@ __all__ = [
     "model_averaging_predictive",
     "next_token_nll",
     "optimal",
+    "ordinary",
     "oracle_predictive",
     "probes",
     "register_prior",

@@ -1,12 +1,9 @@
-"""Ordinary transformers on the same task: an attention-only 2-layer TransformerLens model.
+"""Training recipes for ordinary transformers (``ih_circuits.ordinary``) on the paper's task and other sources.
 
-Built offline from a config, with whichever model class the installed TransformerLens offers: a
-``HookedTransformer`` on TransformerLens 3.x, a ``TransformerBridge`` (``boot_native``) on 4.x,
-where ``HookedTransformer`` no longer exists. Neither offers relative-position attention like the paper's
-copier, so we default to rotary positions, the closest option: attention scores then depend on positions
-only through their offset. The model maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]`` (row t
-predicts token t+1), so ``ih_circuits.train`` trains it with the every-position objective and the probes
-run on it.
+``baseline_train_config`` is the recipe (Adam on the every-position objective), ``train_ordinary_transformer``
+builds and trains one model, ``transformer_parts`` is the sweep's ``kind = "transformer"`` run (model, task and
+training config from overrides, as ``presets.preset_parts`` is for the paper's model), and ``train_on_source``
+trains any next-token model on any data source.
 """
 
 from __future__ import annotations
@@ -16,95 +13,35 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from transformer_lens.config import TransformerBridgeConfig
-from transformer_lens.model_bridge import TransformerBridge
 
 from ih_circuits.checks import check_int, check_real
+from ih_circuits.ordinary import has_hooked_transformer, ordinary_transformer
 from ih_circuits.sources import DataSource, sample_tokens
 from ih_circuits.task import NGramTask
 from ih_circuits.training import Stage, TrainConfig, TrainingRun, train
 
-KINDS = ("auto", "hooked", "bridge")
+__all__ = [  # the model builders live in ih_circuits.ordinary; they are re-exported here, where they started
+    "TRANSFORMER_KEYS",
+    "TRANSFORMER_RECIPE",
+    "baseline_train_config",
+    "has_hooked_transformer",
+    "ordinary_transformer",
+    "train_on_source",
+    "train_ordinary_transformer",
+    "transformer_parts",
+]
 
 
-def has_hooked_transformer() -> bool:
-    """Whether the installed TransformerLens has ``HookedTransformer`` (3.x and earlier; 4.x removed it)."""
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def ordinary_transformer(
-    task: NGramTask | DataSource,
-    *,
-    d_model: int = 64,
-    n_heads: int = 4,
-    n_layers: int = 2,
-    positional_embedding_type: str = "rotary",
-    normalization_type: str | None = "LN",
-    kind: str = "auto",
-    seed: int = 0,
-    device: str = "cpu",
-    **config: Any,
-) -> nn.Module:
-    """An attention-only TransformerLens model sized for ``task`` (vocabulary and sequence length).
-
-    Args:
-        task: an ``NGramTask`` or any data source (``vocab_size``, ``seq_len``): fixes ``d_vocab`` and ``n_ctx``.
-        d_model, n_heads, n_layers: width, heads per layer and depth (the paper's question is about 2).
-        positional_embedding_type: ``"rotary"`` (default, relative offsets) or ``"standard"`` (learned
-            absolute positions).
-        normalization_type: ``"LN"`` (default) or None.
-        kind: ``"auto"`` (``HookedTransformer`` where the installed TransformerLens has it, else
-            ``TransformerBridge``), ``"hooked"`` or ``"bridge"``.
-        seed: initialisation seed.
-        **config: any other field of the model's config (``HookedTransformerConfig`` or
-            ``TransformerBridgeConfig``), e.g. ``initializer_range``.
-    """
-    if d_model % n_heads:
-        raise ValueError(f"d_model must be divisible by n_heads; got d_model={d_model}, n_heads={n_heads}")
-    if positional_embedding_type not in ("rotary", "standard"):
-        raise ValueError(f"positional_embedding_type must be 'rotary' or 'standard'; got {positional_embedding_type!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    hooked_available = has_hooked_transformer()
-    if kind == "hooked" and not hooked_available:
-        raise ValueError(
-            "kind='hooked' needs HookedTransformer, which TransformerLens 4.x removed; install "
-            "'transformer-lens>=3.0,<4' or use kind='bridge'"
-        )
-    fields = dict(
-        d_model=d_model,
-        d_head=d_model // n_heads,
-        n_layers=n_layers,
-        n_ctx=task.seq_len,
-        n_heads=n_heads,
-        d_vocab=task.vocab_size,
-        attn_only=True,
-        normalization_type=normalization_type,
-        positional_embedding_type=positional_embedding_type,
-        seed=seed,
-        **config,
-    )
-    if kind == "bridge" or not hooked_available:
-        model = TransformerBridge.boot_native(TransformerBridgeConfig(**fields))
-    else:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        model = HookedTransformer(HookedTransformerConfig(**fields, device="cpu"))
-    return model.eval() if device == "cpu" else model.to(device).eval()
-
-
-def baseline_train_config(*, steps: int = 800, seed: int = 0, batch_size: int = 128, lr: float = 3e-3) -> TrainConfig:
+def baseline_train_config(
+    *, steps: int = 800, seed: int = 0, batch_size: int = 128, lr: float = 3e-3, eval_size: int = 512
+) -> TrainConfig:
     """Adam on the every-position objective: what an ordinary transformer needs (measured here: the loss
     drops from the in-context-unigram plateau to near Bayes after about 500 steps at these defaults)."""
     return TrainConfig(
         stages=(Stage(("all",), steps=steps, lr=lr, optimizer="adam", name="all"),),
         batch_size=batch_size,
         objective="all",
-        eval_size=512,
+        eval_size=eval_size,
         record_every=25,
         seed=seed,
     )
@@ -116,6 +53,55 @@ def train_ordinary_transformer(
     """Build ``ordinary_transformer(task, seed=seed, **model_kwargs)`` and train it with ``baseline_train_config``."""
     model = ordinary_transformer(task, seed=seed, **model_kwargs)
     return train(model, task, baseline_train_config(steps=steps, seed=seed), quiet=quiet)
+
+
+TRANSFORMER_TASK_KEYS = frozenset({"vocab_size", "parents", "seq_len", "alpha", "init", "window"})
+TRANSFORMER_KEYS = frozenset(
+    TRANSFORMER_TASK_KEYS | {"layers", "heads", "d_model", "model_class", "lr", "steps", "batch_size", "eval_size"}
+)
+"""Every override of ``transformer_parts`` (a sweep's ``kind = "transformer"`` fields)."""
+TRANSFORMER_RECIPE = {"layers": 2, "heads": 4, "d_model": 64, "model_class": "bridge", "lr": 3e-3, "steps": 1500}
+"""The defaults of ``transformer_parts``: ``ordinary_transformer``'s and ``baseline_train_config``'s, with 1500 steps
+(measured on vocabulary 3, alpha 0.1, seed 0: the loss leaves the in-context-unigram plateau after 500 steps for
+parents {1,3} and 800 for {2,3}, whose found lags are the parents by step 1500 at excess losses of 0.05-0.09)."""
+
+
+def transformer_parts(*, seed: int = 0, **overrides: Any) -> tuple[nn.Module, NGramTask, TrainConfig]:
+    """The model, task and training config of an ordinary transformer's run, as ``preset_parts`` gives the paper's.
+
+    Task: ``vocab_size, parents, seq_len, alpha, init`` (the presets' defaults: vocabulary 3, parents (1, 2),
+    T = 101, alpha 0.1) and ``window``, the lags the theory considers (default 3, at least the largest parent);
+    model: ``layers, heads, d_model`` (``ordinary_transformer``'s ``n_layers, n_heads,
+    d_model``) and ``model_class`` (``"bridge"``, the default, or ``"hooked"`` where TransformerLens has
+    ``HookedTransformer``); training: ``lr, steps, batch_size, eval_size`` of ``baseline_train_config``. The
+    defaults are ``TRANSFORMER_RECIPE``.
+    """
+    unknown = set(overrides) - TRANSFORMER_KEYS
+    if unknown:
+        raise ValueError(
+            f"unknown overrides {sorted(unknown)} for kind 'transformer'; allowed: {sorted(TRANSFORMER_KEYS)}"
+        )
+    values = {**TRANSFORMER_RECIPE, **overrides}
+    if values["model_class"] not in ("bridge", "hooked"):
+        raise ValueError(f"model_class must be 'bridge' or 'hooked'; got {values['model_class']!r}")
+    task_values = {"vocab_size": 3, "parents": (1, 2), "seq_len": 101, "alpha": 0.1}
+    task_values.update({k: v for k, v in overrides.items() if k in TRANSFORMER_TASK_KEYS})
+    task_values["parents"] = tuple(task_values["parents"])
+    task_values["window"] = max(task_values.get("window", 3), max(task_values["parents"], default=1))
+    task = NGramTask(**task_values)
+    check_int(values["layers"], "layers", 1, 64)
+    check_int(values["heads"], "heads", 1, 64)
+    check_int(values["d_model"], "d_model", 1, 4096)
+    model = ordinary_transformer(
+        task,
+        d_model=values["d_model"],
+        n_heads=values["heads"],
+        n_layers=values["layers"],
+        kind=values["model_class"],
+        seed=seed,
+    )
+    training = {k: values[k] for k in ("steps", "lr", "batch_size", "eval_size") if k in values}
+    return model, task, baseline_train_config(seed=seed, **training)
 
 
 def train_on_source(

@@ -29,6 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -218,6 +221,35 @@ def open_save(directory: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
         stacklevel=3,
     )
     return newest, verify(newest, kind)
+
+
+def read_weights(path: Path, expected: dict[str, torch.Tensor], config_file: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, refused (``ValueError`` naming the file and the parameter) unless they
+    are exactly the names, shapes and dtypes of ``expected`` (the state dict that ``config_file`` builds) and
+    finite (a tensor the model builds non-finite, such as a mask's -inf, must equal its built value)."""
+    try:
+        weights = load_file(path)
+    except Exception as error:  # safetensors raises its own error types for a malformed file
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights do not match {config_file}: missing {missing}, unexpected {unexpected}")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{path}: parameter {name} has shape {tuple(tensor.shape)} but {config_file} needs "
+                f"{tuple(expected[name].shape)}"
+            )
+        if tensor.dtype != expected[name].dtype:
+            raise ValueError(
+                f"{path}: parameter {name} is {tensor.dtype} but {config_file} needs {expected[name].dtype}"
+            )
+        constant = expected[name].is_floating_point() and not torch.isfinite(expected[name]).all()
+        if constant and not torch.equal(tensor, expected[name].cpu()):  # e.g. a mask's -inf, built, never learned
+            raise ValueError(f"{path}: buffer {name} differs from the value {config_file} builds")
+        if not constant and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: parameter {name} holds non-finite values")
+    return weights
 
 
 def read_json(path: Path) -> Any:

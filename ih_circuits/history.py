@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
+from torch import nn
 
-from ih_circuits.model import IHTransformer
+from ih_circuits.adapters import white_box
 
 HISTORY_COLUMNS = (
     "step",
@@ -83,14 +84,17 @@ def copier_weights(history: pd.DataFrame) -> CopierWeights:
     return CopierWeights(history["step"].to_numpy(dtype=np.int64), weights)
 
 
-def history_columns(model: IHTransformer) -> list[str]:
-    """The columns a trajectory row of ``model`` has (``_Evaluator.row``)."""
+def history_columns(model: nn.Module) -> list[str]:
+    """The columns a trajectory row of ``model`` has (``_Evaluator.row``): the loss columns, and for an
+    ``IHTransformer`` its selector, classifier and copier columns."""
+    if white_box(model) is None:
+        return list(HISTORY_COLUMNS[: HISTORY_COLUMNS.index("excess_loss") + 1])
     cfg = model.config
     weights = [weight_column(h, m) for h in range(cfg.n_heads) for m in range(cfg.window)]
     return [*HISTORY_COLUMNS, *(subset_column(s) for s in cfg.subsets), *weights]
 
 
-def read_history(path: Path, model: IHTransformer) -> pd.DataFrame:
+def read_history(path: Path, model: nn.Module) -> pd.DataFrame:
     """A saved ``history.csv``, refused unless its columns are exactly ``history_columns(model)``, its steps
     increasing non-negative integers and its measurements numbers."""
     try:

@@ -42,6 +42,7 @@ from ih_circuits.checks import check_int, check_real
 from ih_circuits.history import history_columns, read_history, subset_column, weight_column
 from ih_circuits.memory import items_per_chunk
 from ih_circuits.model import IHTransformer
+from ih_circuits.ordinary import RECIPE_FILE, load_ordinary_transformer, model_class, save_ordinary_transformer
 from ih_circuits.predictors import last_position_nll, next_token_nll
 from ih_circuits.seeds import derive_seed
 from ih_circuits.task import NGramTask
@@ -275,13 +276,19 @@ class TrainingRun:
         something is refused unless ``overwrite=True``; overwriting replaces the whole directory, so no file
         of the previous save is left behind.
         """
-        if white_box(self.model) is None:
-            raise ValueError("TrainingRun.save supports IHTransformer runs; save other models with their own tools")
+        if white_box(self.model) is None and model_class(self.model) is None:
+            raise ValueError(
+                "TrainingRun.save supports IHTransformer runs and ordinary_transformer models (attention-only "
+                f"TransformerLens models); this model is a {type(self.model).__name__}: save it with its own tools"
+            )
         expected = history_columns(self.model)
         if len(self.history) and list(self.history.columns) != expected:
             raise ValueError(f"history columns {list(self.history.columns)} are not this model's: {expected}")
         with atomic_directory(directory, RUN_KIND, overwrite=overwrite) as staging:
-            self.model.save_pretrained(staging / "model")
+            if white_box(self.model) is not None:
+                self.model.save_pretrained(staging / "model")
+            else:
+                save_ordinary_transformer(self.model, staging / "model")
             meta = {
                 "task": self.task.to_dict(),
                 "train_config": self.config.to_dict(),
@@ -326,11 +333,15 @@ class TrainingRun:
                 predicted = _field(meta, "predicted_lags", lambda lags: validate_lags(lags, "lags"))
         except ValueError as error:
             raise ValueError(f"{meta_path}: {error}") from None
-        model = IHTransformer.from_pretrained(directory / "model")
-        if model.config.d_vocab != task.vocab_size or model.config.n_ctx < task.seq_len:
-            cfg = model.config
+        if f"model/{RECIPE_FILE}" in listed:
+            model, config_file = load_ordinary_transformer(directory / "model"), RECIPE_FILE
+            d_vocab, n_ctx = model.cfg.d_vocab, model.cfg.n_ctx
+        else:
+            model, config_file = IHTransformer.from_pretrained(directory / "model"), "config.json"
+            d_vocab, n_ctx = model.config.d_vocab, model.config.n_ctx
+        if d_vocab != task.vocab_size or n_ctx < task.seq_len:
             raise ValueError(
-                f"{directory}: the model (model/config.json d_vocab={cfg.d_vocab}, n_ctx={cfg.n_ctx}) does not fit "
+                f"{directory}: the model (model/{config_file} d_vocab={d_vocab}, n_ctx={n_ctx}) does not fit "
                 f"the task (run.json vocab_size={task.vocab_size}, seq_len={task.seq_len})"
             )
         history = read_history(directory / "history.csv", model) if "history.csv" in listed else pd.DataFrame()

@@ -23,3 +23,24 @@ def test_example_runs(script, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
+
+
+def test_the_readme_study_tables_are_those_of_the_committed_results():
+    """The README's "Where the theory holds" tables are what examples/theory_limits.py prints from the study's
+    results (examples/theory_limits.csv, written by `make study`), character for character."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "theory_limits.py"),
+            "--tables",
+            str(root / "examples" / "theory_limits.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    tables = result.stdout.strip()
+    assert tables.count("\n| {") == 12  # both tables: the 8 cells of the paper's model and the 4 of transformers
+    section = (root / "README.md").read_text().split("## Where the theory holds")[1].split("\n## ")[0]
+    assert tables in section

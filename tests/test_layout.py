@@ -14,7 +14,7 @@ LAYERS = [
     {"checks"},
     {"seeds", "memory", "checkpoint", "chain"},
     {"priors", "predictors", "task", "sources", "theory"},
-    {"model", "adapters"},
+    {"model", "adapters", "ordinary"},
     {"history", "training", "presets", "baselines", "optimal"},
     {"probes"},
     {"views", "reporting"},

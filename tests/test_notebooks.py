@@ -269,3 +269,7 @@ def test_07_theory_vs_practice_at_scale():
     assert "3 inline PNGs" in run.outputs[17] and "links outside: []" in run.outputs[17]
     sections = "['How to read this report', 'Agreement', 'Figures', 'Disagreements and failed runs',"
     assert sections in run.outputs[17]
+    # Section 5 reads the committed study (examples/theory_limits.csv): its counts, and no NaN in its tables.
+    assert "20 runs: 16 of the paper's model, 4 ordinary transformers" in run.outputs[20]
+    assert "predictions that are ties: 12 of 20" in run.outputs[20]
+    assert "compared on: {'found'}" in run.outputs[27]

@@ -30,13 +30,13 @@ import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from ih_circuits.chain import validate_lags
-from ih_circuits.checkpoint import atomic_directory, open_save, read_json
+from ih_circuits.checkpoint import atomic_directory, open_save, read_json, read_weights
 from ih_circuits.checks import check_device, check_real, check_tokens
 from ih_circuits.memory import check_memory, memory_limit
 from ih_circuits.model.cache import IHActivationCache
@@ -408,32 +408,7 @@ class IHTransformer(HookedRootModule):
         if device is not None:
             cfg = cfg.replace(device=device)
         model = cls(cfg)
-        try:
-            weights = load_file(directory / WEIGHTS_FILE)
-        except Exception as error:  # safetensors raises its own error types for a malformed file
-            raise ValueError(f"{directory / WEIGHTS_FILE} is not a readable safetensors file: {error}") from None
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{directory / WEIGHTS_FILE}: the weights do not match {CONFIG_FILE}: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
-        for name, tensor in weights.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(
-                    f"{directory / WEIGHTS_FILE}: parameter {name} has shape {tuple(tensor.shape)} but "
-                    f"{CONFIG_FILE} needs {tuple(expected[name].shape)}"
-                )
-            if tensor.dtype != expected[name].dtype:
-                raise ValueError(
-                    f"{directory / WEIGHTS_FILE}: parameter {name} is {tensor.dtype} but {CONFIG_FILE} says "
-                    f"dtype={cfg.dtype!r}"
-                )
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{directory / WEIGHTS_FILE}: parameter {name} holds non-finite values")
-        model.load_state_dict(weights)
+        model.load_state_dict(read_weights(directory / WEIGHTS_FILE, model.state_dict(), CONFIG_FILE))
         return model
 
 

@@ -2,10 +2,11 @@
 
 One run is timed in part, on one torch thread as the workers run: its first training steps up to and including
 one evaluation (setup, steps and the evaluation's share per step) and the probe at the spec's ``n_sequences``.
-Each cell's training time scales with its own number of steps; its probe costs what the timed one did. The
-total, divided over the workers, is what ``run_sweep`` prints before it starts ("N runs, about T"). A grid whose
-cells differ in batch size, sequence length or vocabulary is estimated from its first cell, so "about" means
-within a factor of a few.
+Each group of the spec (the paper's model, ordinary transformers) is timed on its own first cell. Each cell's
+training time scales with its own number of steps; its probe costs what the timed one did. The total, divided
+over the workers, is what ``run_sweep`` prints before it starts ("N runs, about T"). A grid whose cells differ in
+batch size, sequence length or vocabulary is estimated from its first cell, so "about" means within a factor of
+a few.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import time
 import torch
 
 from ih_circuits.optimal import optimal_shares
-from ih_circuits.presets import preset_parts
 from ih_circuits.probes import decomposition_test
+from ih_circuits.sweep.execute import theory_budget
 from ih_circuits.sweep.spec import RunSpec
 from ih_circuits.training import train
 
@@ -34,7 +35,7 @@ def run_seconds(run: RunSpec) -> tuple[float, float, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, task, config = preset_parts(run.preset, seed=run.seed, **run.overrides())
+        model, task, config = run.parts()
         timed = min(config.record_every, config.total_steps, MAX_TIMED_STEPS)
         stamps: list[float] = []
 
@@ -54,27 +55,33 @@ def run_seconds(run: RunSpec) -> tuple[float, float, float]:
         start = time.perf_counter()
         decomposition_test(model, task, n_sequences=run.n_sequences, seed=run.seed)
         if run.optimal:
-            optimal_shares(task, model.config.max_degree, model.config.max_lag)
+            optimal_shares(task, *theory_budget(model, task))
         return setup, step, time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
 
 
 def sweep_seconds(runs: list[RunSpec], workers: int) -> float | None:
-    """Wall seconds of ``runs`` on ``workers`` parallel workers, from ``run_seconds`` of the first of up to
-    ``TRIED_CELLS`` cells whose timing succeeds; ``None`` if none does (those runs will fail and say why)."""
+    """Wall seconds of ``runs`` on ``workers`` parallel workers: each group's runs from ``run_seconds`` of the
+    first of up to ``TRIED_CELLS`` of its cells whose timing succeeds; ``None`` if a group has none (its runs
+    will fail and say why)."""
     if not runs:
         return 0.0
-    first_of_cell = list({run.cell: run for run in reversed(runs)}.values())[::-1]
-    for run in first_of_cell[:TRIED_CELLS]:
-        try:
-            setup, step, probe = run_seconds(run)
-        except Exception:  # noqa: BLE001 - a cell that fails (e.g. over the memory limit) fails as a run, with its error
-            continue
-        steps = {r.cell: preset_parts(r.preset, seed=r.seed, **r.overrides())[2].total_steps for r in first_of_cell}
-        total = sum(setup + step * steps[r.cell] + probe for r in runs)
-        return total / max(1, min(workers, len(runs)))
-    return None
+    total = 0.0
+    for group in dict.fromkeys(run.group for run in runs):
+        members = [run for run in runs if run.group == group]
+        first_of_cell = list({run.cell: run for run in reversed(members)}.values())[::-1]
+        for run in first_of_cell[:TRIED_CELLS]:
+            try:
+                setup, step, probe = run_seconds(run)
+            except Exception:  # noqa: BLE001 - a cell that fails (e.g. over the memory limit) fails as a run, with its error
+                continue
+            steps = {r.cell: r.parts()[2].total_steps for r in first_of_cell}
+            total += sum(setup + step * steps[r.cell] + probe for r in members)
+            break
+        else:
+            return None
+    return total / max(1, min(workers, len(runs)))
 
 
 def format_duration(seconds: float) -> str:

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from ih_circuits.adapters import white_box
 from ih_circuits.optimal import lag_set_text, optimal_shares, share_distance
-from ih_circuits.presets import preset_parts
 from ih_circuits.probes import decomposition_test
 from ih_circuits.sweep.spec import RunSpec, format_value
+from ih_circuits.task import NGramTask
 from ih_circuits.theory import task_prediction
 from ih_circuits.training import TrainingRun, train
 
@@ -36,9 +38,9 @@ class RunOutcome:
 
 
 def base_record(run: RunSpec) -> dict[str, Any]:
-    """The columns that describe a run, before it runs: id, preset, seed, grid cell, the task and steps."""
-    _, task, config = preset_parts(run.preset, seed=run.seed, **run.overrides())
-    record: dict[str, Any] = {"run_id": run.run_id, "preset": run.preset, "seed": run.seed}
+    """The columns that describe a run, before it runs: id, group, preset, seed, grid cell, the task and steps."""
+    _, task, config = run.parts()
+    record: dict[str, Any] = {"run_id": run.run_id, "group": run.group, "preset": run.preset, "seed": run.seed}
     record.update({name: format_value(v) if isinstance(v, tuple) else v for name, v in run.cell})
     record.update(
         {
@@ -54,6 +56,16 @@ def base_record(run: RunSpec) -> dict[str, Any]:
 def failure(run: RunSpec, error: str, wall_time_s: float = float("nan")) -> RunOutcome:
     """The record of a run that did not finish, with the error in one line."""
     return RunOutcome({**base_record(run), "status": "failed", "wall_time_s": wall_time_s, "error": error})
+
+
+def theory_budget(model: nn.Module, task: NGramTask) -> tuple[int, int]:
+    """(D, window) of the theory's prediction for a run: the selector's degree and the copier's window for the
+    paper's model; for an ordinary transformer, its heads per layer (each first-layer head can copy one lag, so
+    at most that many parents are combined), at most the task's window, and the task's window."""
+    ours = white_box(model)
+    if ours is not None:
+        return ours.config.max_degree, ours.config.max_lag
+    return min(model.cfg.n_heads, task.window), task.window
 
 
 def selected_lags(training: TrainingRun) -> tuple[int, ...]:
@@ -86,18 +98,20 @@ def execute_run(run: RunSpec) -> RunOutcome:
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        model, task, config = preset_parts(run.preset, seed=run.seed, **run.overrides())
+        model, task, config = run.parts()
         training = train(model, task, config, quiet=True)
         decomposition = decomposition_test(model, task, n_sequences=run.n_sequences, seed=run.seed)
-        prediction = task_prediction(task, model.config.max_degree, model.config.max_lag, quiet=True)
-        selected = selected_shares(training)
-        optimal = optimal_shares(task, model.config.max_degree, model.config.max_lag) if run.optimal else None
+        degree, window = theory_budget(model, task)
+        prediction = task_prediction(task, degree, window, quiet=True)
+        has_selector = white_box(model) is not None
+        selected = selected_shares(training) if has_selector else None
+        optimal = optimal_shares(task, degree, window) if run.optimal else None
         last = training.history.iloc[-1]
         outcome = {
             "status": "ok",
             "predicted_lags": prediction.text(),
             "theory_decisive": prediction.decisive,
-            "selected_lags": format_value(selected_lags(training)),
+            "selected_lags": format_value(selected_lags(training)) if has_selector else "",
             "found_lags": format_value(decomposition.parents.lags),
             "verdict": decomposition.verdict,
             "eval_loss": float(last["eval_loss"]),
@@ -105,9 +119,11 @@ def execute_run(run: RunSpec) -> RunOutcome:
             "excess_loss": float(last["excess_loss"]),
             "theory_margin": prediction.margin,
             "theory_margin_stderr": prediction.margin_stderr,
-            "selected_shares": json.dumps(selected, sort_keys=True),
+            "selected_shares": "" if selected is None else json.dumps(selected, sort_keys=True),
             "optimal_shares": "" if optimal is None else json.dumps(optimal.shares, sort_keys=True),
-            "share_tv": float("nan") if optimal is None else share_distance(optimal.shares, selected),
+            "share_tv": (
+                float("nan") if optimal is None or selected is None else share_distance(optimal.shares, selected)
+            ),
         }
         with tempfile.TemporaryDirectory() as scratch:
             saved = training.save(Path(scratch) / RUN_DIRECTORY)

@@ -31,7 +31,10 @@ PRED_NOTE = (
     "pred = the theory's argmax of I~ within the selector's degree; 'tie' lists every set within 3 standard errors "
     "of it, and a seed selecting any of them agrees"
 )
-SEL_NOTE = "sel = the lags of the trained selector's leading subset"
+SEL_NOTE = (
+    "sel = the lags of the trained selector's leading subset; found (ordinary transformers, which have no selector) "
+    "= the lags find_parents finds"
+)
 NEEDED_COLUMNS = (
     "status",
     "predicted_lags",
@@ -258,10 +261,11 @@ def plot_theory_map(
 
     Each cell reads "pred P / sel S / k/n": the theory's prediction ("tie A | B" when it cannot tell sets apart:
     selecting any of them agrees), the most common selected lag set, and in how many of the n finished seeds
-    the selector chose a predicted set; the colour is that selection frequency
-    (green = always, red = never, grey = nothing finished). Every cell where a finished seed selected
-    something other than the prediction has a thick red frame and an x; cells with failed runs are hatched
-    and say "failed n". The title gives the agreement rate over finished runs (``agreement_rate``).
+    the selector chose a predicted set ("found F" for ordinary transformers: the lags ``find_parents`` finds);
+    the colour is that selection frequency (green = always, red = never, grey = nothing finished). Every cell
+    where a finished seed selected something other than the prediction has a thick red frame and an x; cells
+    with failed runs are hatched and say "failed n". The title gives the agreement rate over finished runs
+    (``agreement_rate``).
 
     Args:
         results: the results table (``run_sweep``'s, or ``load_results(DIR)``).
@@ -293,7 +297,7 @@ def plot_theory_map(
             return ""
         chose = round(cell["selection_frequency"] * cell["ok"])
         pred, sel = _prediction_text(cell["predicted_lags"]), _lag_text(cell["selected_lags"])
-        return f"pred {pred}\nsel {sel}\n{chose}/{cell['ok']} seeds"
+        return f"pred {pred}\n{cell.get('compared', 'sel')} {sel}\n{chose}/{cell['ok']} seeds"
 
     return _draw_maps(
         layout,

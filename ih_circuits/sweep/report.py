@@ -37,8 +37,9 @@ PROBLEM_COLUMNS = (
 NO_FINISHED_RUN = "no finished run"
 
 HOW_TO_READ = """
-<p>Each run trains the paper's two-layer model (copier, selector, classifier) on one n-gram task of the grid
-with one seed, then compares four answers to "which earlier tokens does the model read?". Lag sets are written
+<p>Each run trains the paper's two-layer model (copier, selector, classifier), or an ordinary attention-only
+transformer (preset "transformer"), on one n-gram task of the grid with one seed, then compares four answers to
+"which earlier tokens does the model read?". Lag sets are written
 <code>1,2</code>: lag 1 is the current token, lag 2 the token before it, and so on; "empty" is the empty set.</p>
 <ul>
 <li><b>predicted</b>: the theory's answer, known before training: the lag set with the largest modified
@@ -47,13 +48,14 @@ kernels drawn from the prior; when another set's I~ is within 3 standard errors 
 kernels) the theory cannot tell them apart, and the prediction is a <b>tie</b> listing every such set,
 <code>1,2;2,3</code> (the maps write "tie 1,2 | 2,3"). Every seed of a cell gets the same prediction.</li>
 <li><b>selected</b>: what training chose: the lags of the trained selector's leading subset (the group of heads
-with the largest share).</li>
+with the largest share). An ordinary transformer has no selector: it is compared on its found lags.</li>
 <li><b>found</b>: what the trained model behaves as if it reads (<code>find_parents</code>: the lags whose
 resampling changes its prediction).</li>
 <li><b>verdict</b>: the decomposition test on the found lags: "holds" when the model works as the generalized
 induction head built from them.</li>
 </ul>
-<p>A run <b>agrees</b> when the selected set is a predicted one (any set of a tie); the agreement rate counts
+<p>A run <b>agrees</b> when the selected set (an ordinary transformer's found set) is a predicted one (any set
+of a tie); the agreement rate counts
 finished runs only. The maps have one
 square per grid cell, its seeds pooled: the colour and "k/n seeds" say how often training selected the
 prediction, a red frame with an x marks every cell where some seed selected something else, and hatched squares
@@ -124,8 +126,8 @@ def sweep_report(directory: str | Path, output: str | Path | None = None) -> Pat
     everywhere = agreement_rate(results) == 1.0
     body = f"""
 <h1>Sweep report: theory vs practice</h1>
-<p class="note">{html.escape(str(directory))}: preset {html.escape(spec.preset)}, {spec.n_runs // len(spec.seeds)}
-grid cells x {len(spec.seeds)} seeds = {spec.n_runs} runs: {finished} finished, {len(results) - finished} failed,
+<p class="note">{html.escape(str(directory))}: {html.escape(spec.description())}; {spec.n_runs}
+runs: {finished} finished, {len(results) - finished} failed,
 {spec.n_runs - len(results)} not run yet (or with a damaged record; the same sweep command runs them).</p>
 <h2>How to read this report</h2>
 {HOW_TO_READ}

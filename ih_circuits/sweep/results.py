@@ -2,22 +2,26 @@
 
 Columns of the results table, one row per run in the spec's order:
 
-- ``run_id``, ``preset``, ``seed``, then the grid's overrides (lag sets written ``"1,2"``);
+- ``run_id``, ``group`` (the spec's group name, ``""`` with one group), ``preset`` (``"transformer"`` for an
+  ordinary transformer's run), ``seed``, then the grid's overrides (lag sets written ``"1,2"``);
 - the task: ``vocab_size``, ``parents``, ``alpha``, and ``steps`` trained;
 - ``status``: ``"ok"`` or ``"failed"`` (then ``error`` holds the exception, the rest is empty);
 - ``predicted_lags``: the theory's argmax of I~ within the selector's degree and every lag set tied with it
   (``theory.task_prediction``: within 3 paired standard errors over the kernels), separated by ``;`` as in
   ``"1,2;2,3"``, best first; ``theory_decisive``: whether it names one set. Every seed of a cell gets the same
   prediction (the theory's kernels do not depend on the run's seed);
-  ``selected_lags``: the lags of the heads in the trained selector's leading subset; ``found_lags``:
-  ``find_parents``' behavioural answer; ``""`` is the empty set;
+  ``selected_lags``: the lags of the heads in the trained selector's leading subset (``""`` for an ordinary
+  transformer, which has no selector); ``found_lags``: ``find_parents``' behavioural answer; ``""`` is also
+  the empty set. A run is compared with the theory on its ``practice_lags``: the selected lags of the paper's
+  model, the found lags of an ordinary transformer;
 - ``verdict``: ``decomposition_test``'s verdict on ``found_lags``;
 - ``eval_loss``, ``bayes_loss``, ``excess_loss`` (nats, last evaluation of the run);
 - ``theory_margin``: I~(best) minus the next best I~ within the degree (how sure the theory is), and
   ``theory_margin_stderr`` its standard error over the kernels (paired);
 - ``selected_shares``: the trained selector's shares by lag set, as JSON (``{"1,2": 0.97, "1": 0.01, ...}``);
   ``optimal_shares``: the optimal selector's (``ih_circuits.optimal``, when the spec asks ``[theory] optimal``,
-  else ``""``), and ``share_tv`` the total-variation distance between the two (NaN without it);
+  else ``""``), and ``share_tv`` the total-variation distance between the two (NaN without it); an ordinary
+  transformer has no selector shares (``""``, and ``share_tv`` NaN);
 - ``wall_time_s``: the run's wall time in its worker (the only column that differs between identical runs).
 """
 
@@ -31,8 +35,10 @@ from typing import Any
 
 import pandas as pd
 
+from ih_circuits.baselines import TRANSFORMER_KEYS
 from ih_circuits.checkpoint import atomic_write_text
 from ih_circuits.presets import OVERRIDE_KEYS
+from ih_circuits.sweep.spec import TRANSFORMER
 
 RESULTS_FILE = "results.csv"
 LAG_COLUMNS = ("parents", "predicted_lags", "selected_lags", "found_lags")
@@ -54,7 +60,17 @@ OUTCOME_COLUMNS = (
     "wall_time_s",
     "error",
 )
-TEXT_COLUMNS = ("run_id", "preset", "status", "verdict", "error", "selected_shares", "optimal_shares", *LAG_COLUMNS)
+TEXT_COLUMNS = (
+    "run_id",
+    "group",
+    "preset",
+    "status",
+    "verdict",
+    "error",
+    "selected_shares",
+    "optimal_shares",
+    *LAG_COLUMNS,
+)
 
 
 def results_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -105,9 +121,20 @@ def load_results(directory: str | Path) -> pd.DataFrame:
 
 
 def grid_columns(results: pd.DataFrame) -> list[str]:
-    """The overrides that vary across the runs, in the table's order: the axes of the map (never ``seed``: a
-    cell aggregates its seeds, though ``seed`` is also a model override)."""
-    return [c for c in results.columns if c in OVERRIDE_KEYS and c != "seed" and results[c].nunique(dropna=False) > 1]
+    """The overrides that vary across the runs, in the table's order, and ``group`` where the spec has several:
+    the axes of the map (never ``seed``: a cell aggregates its seeds, though ``seed`` is also a model override)."""
+    axes = OVERRIDE_KEYS | TRANSFORMER_KEYS | {"group"}
+    return [c for c in results.columns if c in axes and c != "seed" and results[c].nunique(dropna=False) > 1]
+
+
+def practice_lags(results: pd.DataFrame) -> pd.Series:
+    """The lag set each run is compared with the theory on: the trained selector's leading lags
+    (``selected_lags``) for the paper's model, the found lags (``find_parents``) for an ordinary transformer,
+    which has no selector."""
+    transformer = results["preset"].eq(TRANSFORMER) if "preset" in results else False
+    if not bool(pd.Series(transformer).any()):
+        return results["selected_lags"]
+    return results["selected_lags"].where(~transformer, results["found_lags"])
 
 
 def in_prediction(selected: pd.Series, predicted: pd.Series) -> pd.Series:
@@ -134,8 +161,10 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
     """One row per grid cell, seeds aggregated over the runs that finished (``status == "ok"``).
 
     Columns: the grid's, ``runs``, ``ok``, ``predicted_lags`` and ``selected_lags`` (the most common over the
-    seeds; a tie keeps its ``;``-separated sets), ``selection_frequency`` (the share of seeds whose selected set
-    is a predicted one; NaN with no finished run), ``agrees`` (every finished seed selected a predicted set),
+    seeds; a tie keeps its ``;``-separated sets; for ordinary transformers the found lags, see ``practice_lags``),
+    ``compared`` (``"sel"``, or ``"found"`` for ordinary transformers), ``selection_frequency`` (the share of
+    seeds whose selected set is a predicted one; NaN with no finished run), ``agrees`` (every finished seed
+    selected a predicted set),
     ``theory_decisive`` (the prediction names one set), ``holds_frequency`` (the share whose decomposition
     holds), and the means of ``excess_loss``, ``theory_margin``, ``theory_margin_stderr`` and, when the sweep
     computed the optimal selector (``[theory] optimal``), ``share_tv``.
@@ -150,7 +179,9 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
     for key, runs in groups:
         key = key if isinstance(key, tuple) else (key,)
         ok = runs[runs["status"] == "ok"]
-        agree = in_prediction(ok["selected_lags"], ok["predicted_lags"])
+        practice = practice_lags(ok)
+        agree = in_prediction(practice, ok["predicted_lags"])
+        found = "preset" in runs and bool(runs["preset"].eq(TRANSFORMER).all())
         frequency = float(agree.mean()) if len(ok) else math.nan
         rows.append(
             {
@@ -158,7 +189,8 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
                 "runs": len(runs),
                 "ok": len(ok),
                 "predicted_lags": _mode(ok["predicted_lags"].map(_lag_text)),
-                "selected_lags": _mode(ok["selected_lags"].map(_lag_text)),
+                "selected_lags": _mode(practice.map(_lag_text)),
+                "compared": "found" if found else "sel",
                 "selection_frequency": frequency,
                 "agrees": bool(len(ok)) and bool(agree.all()),
                 "theory_decisive": bool(len(ok)) and bool(ok["theory_decisive"].eq(True).all()),  # missing: no
@@ -173,12 +205,13 @@ def cell_table(results: pd.DataFrame, grid: Sequence[str] | None = None) -> pd.D
 
 
 def agreement_rate(results: pd.DataFrame) -> float:
-    """The share of finished runs whose selected lags are a predicted set (one of a tie's; NaN when none finished)."""
+    """The share of finished runs whose ``practice_lags`` are a predicted set (one of a tie's; NaN when none
+    finished)."""
     ok = results[results["status"] == "ok"]
-    return float(in_prediction(ok["selected_lags"], ok["predicted_lags"]).mean()) if len(ok) else math.nan
+    return float(in_prediction(practice_lags(ok), ok["predicted_lags"]).mean()) if len(ok) else math.nan
 
 
 def disagreements(results: pd.DataFrame) -> pd.DataFrame:
-    """The finished runs whose selected lags are none of the predicted sets, and the failed runs."""
-    wrong = (results["status"] != "ok") | ~in_prediction(results["selected_lags"], results["predicted_lags"])
+    """The finished runs whose ``practice_lags`` are none of the predicted sets, and the failed runs."""
+    wrong = (results["status"] != "ok") | ~in_prediction(practice_lags(results), results["predicted_lags"])
     return results[wrong].reset_index(drop=True)

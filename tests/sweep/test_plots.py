@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -249,3 +250,27 @@ def test_cell_table_has_share_tv_only_when_the_optimal_selector_was_computed():
     assert "share_tv" not in cell_table(results)
     results["share_tv"] = [0.1 * (i % 2) for i in range(len(results))]
     assert cell_table(results)["share_tv"].tolist() == pytest.approx([0.05] * len(cell_table(results)))
+
+
+def test_ordinary_transformers_are_compared_on_their_found_lags():
+    """A transformer has no selector: its cells compare the prediction with find_parents' answer ("found"),
+    and a found set outside the prediction is a disagreement, in the map and in the rate."""
+    from ih_circuits.sweep.results import agreement_rate, cell_table, disagreements, results_frame
+
+    paper = results_table({"parents": [(1, 2)]}, seeds=(0,))
+    transformers = results_table({"parents": [(1, 2), (2, 3)]}, seeds=(0,))
+    transformers["preset"], transformers["selected_lags"] = "transformer", ""
+    transformers.loc[1, "found_lags"] = "1,2,3"
+    paper["group"], transformers["group"] = "paper", "tf"
+    results = results_frame(pd.concat([paper, transformers]).to_dict("records"))
+    cells = cell_table(results)
+    assert cells[["group", "parents", "compared", "selected_lags", "agrees"]].values.tolist() == [
+        ["paper", "1,2", "sel", "1,2", True],
+        ["tf", "1,2", "found", "1,2", True],
+        ["tf", "2,3", "found", "1,2,3", False],
+    ]
+    assert agreement_rate(results) == pytest.approx(2 / 3)
+    assert disagreements(results)["run_id"].tolist() == ["parents=2,3_seed=0"]
+    axis = heatmaps(plot_theory_map(results, cols="parents", rows="group"))[0]
+    assert cell_texts(axis)[(1, 1)] == "pred 2,3\nfound 1,2,3\n0/1 seeds"
+    assert marked(axis, "disagreement") == {(1, 1)}

@@ -133,4 +133,6 @@ def test_the_report_reads_the_records_not_a_hand_edited_table(tmp_path):
     agreement = section(sweep_report(directory).read_text(encoding="utf-8"), "Agreement")
     assert "selected = predicted in 5 of 5 finished runs (100%); 2 failed." in agreement  # the edit fails its checksum
     header = " ".join(sweep_report(directory).read_text(encoding="utf-8").split())
-    assert "4 grid cells x 2 seeds = 8 runs: 5 finished, 2 failed, 1 not run yet (or with a damaged record" in header
+    assert (
+        "preset cwa, 4 grid cells x 2 seeds; 8 runs: 5 finished, 2 failed, 1 not run yet (or with a damaged" in header
+    )

@@ -244,7 +244,7 @@ def test_a_sweep_says_how_many_runs_and_about_how_long_before_it_starts(tmp_path
     assert re.fullmatch(r"2 runs to do \(0 done\), about \d+ s, on 1 local worker", first), first
     spec.write_text(spec.read_text().replace("[[1, 2], [1, 3]]", "[[1, 2], [1, 3], [2, 3]]"))
     assert main(["sweep", str(spec), "--out", str(tmp_path / "big"), "--max-runs", "2", "--quiet"]) == 2
-    assert "3 runs (3 cells x 1 seeds), above max_runs=2" in capsys.readouterr().err
+    assert "3 runs (preset cwa, 3 grid cells x 1 seed), above max_runs=2" in capsys.readouterr().err
     assert not (tmp_path / "big").exists()
 
 
@@ -275,3 +275,39 @@ def test_a_sweep_that_asks_for_the_optimal_selector_records_both_share_tables(tm
         assert set(selected) <= {"", "1", "2", "3"} and sum(selected.values()) == pytest.approx(1.0)
         assert row.share_tv == pytest.approx(share_distance(best, selected)) and 0 <= row.share_tv <= 1
     assert load_results(tmp_path / "sweep")["share_tv"].tolist() == pytest.approx(results["share_tv"].tolist())
+
+
+MIXED = {
+    "seeds": [0],
+    "probe": {"n_sequences": 32},
+    "group": [
+        {"name": "paper", "preset": "cwa", "steps": 20, "fixed": {"batch_size": 256, "parents": [1, 3]}},
+        {
+            "name": "tf",
+            "kind": "transformer",
+            "fixed": {"steps": 10, "d_model": 16, "heads": 2, "batch_size": 16, "eval_size": 32},
+            "grid": {"parents": [[1, 2], [2, 3]]},
+        },
+    ],
+}
+
+
+def test_ordinary_transformers_run_beside_the_paper_model_and_ray_gives_the_same_table(tmp_path):
+    """One spec, two groups: the transformer runs record found lags, the theory's prediction (D = heads) and no
+    selector; each is saved and reloads to the model that gave its answer; Ray gives the same table."""
+    results = run_sweep(MIXED, tmp_path / "local", workers=2, quiet=True)
+    assert (results["status"] == "ok").all(), results["error"].tolist()
+    assert results["group"].tolist() == ["paper", "tf", "tf"]
+    assert results["preset"].tolist() == ["cwa", "transformer", "transformer"]
+    tf = results[results["group"] == "tf"]
+    assert (tf["selected_lags"] == "").all() and (tf["selected_shares"] == "").all() and tf["share_tv"].isna().all()
+    for row in tf.itertuples():
+        task = NGramTask(3, tuple(int(p) for p in row.parents.split(",")), 101, alpha=0.1, window=3)
+        assert row.predicted_lags == theory.task_prediction(task, 2, 3, quiet=True).text()
+        run = TrainingRun.load(tmp_path / "local" / RUNS / row.run_id / "run")
+        assert type(run.model).__name__ == "TransformerBridge" and run.step == 10
+        found = find_parents(run.model, task, n_sequences=32, seed=0)
+        assert ",".join(map(str, found.lags)) == row.found_lags
+    assert cell_table(results)["compared"].tolist() == ["sel", "found", "found"]
+    ray = run_sweep(MIXED, tmp_path / "ray", backend="ray", workers=2, quiet=True)
+    _same_table(results, ray)

@@ -103,7 +103,9 @@ def test_a_grid_larger_than_max_runs_is_refused_before_it_is_expanded(monkeypatc
 
     huge = {"preset": "cwa", "seeds": [0, 1], "grid": {"alpha": list(range(1, 10**4 + 1)), "lr": [0.1] * 10**4}}
     monkeypatch.setattr(spec_module, "preset_parts", lambda *a, **k: pytest.fail("a cell was built"))
-    with pytest.raises(ValueError, match=r"200000000 runs \(100000000 cells x 2 seeds\), above max_runs=10000"):
+    with pytest.raises(
+        ValueError, match=r"200000000 runs \(preset cwa, 100000000 grid cells x 2 seeds\), above max_runs=10000"
+    ):
         SweepSpec.from_dict(huge)
     raise_it = r"above max_runs=3; .* raise max_runs \(run_sweep\(max_runs=\.\.\.\), --max-runs"
     with pytest.raises(ValueError, match=raise_it):
@@ -138,3 +140,77 @@ def test_the_theory_table_asks_for_the_optimal_selector():
         SweepSpec.from_dict({"preset": "cwa", "theory": {"optimal": "yes"}})
     with pytest.raises(ValueError, match=r"theory must be a table with keys from \['optimal'\]"):
         SweepSpec.from_dict({"preset": "cwa", "theory": {"kernels": 5}})
+
+
+GROUPS = {
+    "seeds": [0, 1],
+    "steps": 20,
+    "group": [
+        {"name": "paper", "preset": "cwa", "grid": {"parents": [[1, 2], [1, 3]]}},
+        {"name": "tf", "kind": "transformer", "seeds": [3], "fixed": {"heads": 2}, "grid": {"d_model": [16, 32]}},
+    ],
+}
+
+
+def test_groups_expand_in_order_with_their_names_in_the_run_ids():
+    """Each group's cells times its seeds (a top-level seeds or steps is every group's default), its name first."""
+    spec = SweepSpec.from_dict(GROUPS)
+    assert [r.run_id for r in spec.runs()] == [
+        "paper_parents=1,2_seed=0",
+        "paper_parents=1,2_seed=1",
+        "paper_parents=1,3_seed=0",
+        "paper_parents=1,3_seed=1",
+        "tf_d_model=16_seed=3",
+        "tf_d_model=32_seed=3",
+    ]
+    assert spec.n_runs == 6 and [r.preset for r in spec.runs()] == ["cwa"] * 4 + ["transformer"] * 2
+    assert spec.runs()[5].overrides() == {"heads": 2, "steps": 20, "d_model": 32}
+    assert spec.description() == (
+        "paper: preset cwa, 2 grid cells x 2 seeds; tf: ordinary transformers, 2 grid cells x 1 seed"
+    )
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+    model, task, config = spec.runs()[5].parts()
+    assert type(model).__name__ in ("TransformerBridge", "HookedTransformer")
+    assert (model.cfg.d_model, model.cfg.n_heads, config.total_steps, config.seed) == (32, 2, 20, 3)
+
+
+def test_a_transformer_spec_of_one_group_keeps_the_plain_form():
+    spec = SweepSpec.from_dict({"kind": "transformer", "grid": {"parents": [[1, 2], [2, 3]]}})
+    assert [r.run_id for r in spec.runs()] == ["parents=1,2_seed=0", "parents=2,3_seed=0"]
+    assert spec.to_dict()["kind"] == "transformer" and "preset" not in spec.to_dict()
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"preset": "cwa"}, "['preset'] belong inside each [[group]]"),
+        ({"group": []}, "group must be a non-empty array of tables"),
+        ({"group": [{"preset": "cwa"}]}, "group[0]: name must be letters, digits and '-'"),
+        ({"group": [{"name": "a b", "preset": "cwa"}]}, "group[0]: name must be letters"),
+        ({"group": [{"name": "a", "preset": "cwa"}, {"name": "a", "preset": "cwa"}]}, "group names must differ"),
+        ({"group": [{"name": "a", "preset": "cwa", "colour": 1}]}, "group[0]: unknown keys ['colour']"),
+        ({"group": [{"name": "a", "kind": "transformer", "preset": "cwa"}]}, "group[0]: give preset"),
+        ({"group": [{"name": "a", "kind": "lstm"}]}, "group[0]: kind must be one of ('paper', 'transformer')"),
+        (
+            {"group": [{"name": "a", "kind": "transformer", "grid": {"window": [2]}, "fixed": {"max_degree": 1}}]},
+            "run a_window=2_seed=0: unknown overrides ['max_degree'] for kind 'transformer'; allowed:",
+        ),
+        (
+            {"group": [{"name": "a", "kind": "transformer", "fixed": {"heads": 0}}]},
+            "run a_seed=0: heads must be an integer in [1, 64]; got 0",
+        ),
+        (
+            {"group": [{"name": "a", "kind": "transformer", "fixed": {"d_model": 30, "heads": 4}}]},
+            "d_model must be divisible by n_heads",
+        ),
+        (
+            {"group": [{"name": "a", "kind": "transformer", "fixed": {"model_class": "lstm"}}]},
+            "model_class must be 'bridge' or 'hooked'",
+        ),
+    ],
+)
+def test_bad_groups_are_refused_naming_the_group_and_key(change, message):
+    with pytest.raises(ValueError) as error:
+        SweepSpec.from_dict({**GROUPS, **change})
+    assert message in str(error.value)
