@@ -130,6 +130,11 @@ def model_class(model: nn.Module) -> str | None:
     return "hooked" if type(model).__name__ == "HookedTransformer" else None
 
 
+def ordinary_config(model: nn.Module) -> dict[str, Any]:
+    """The config fields that rebuild an ``ordinary_transformer`` model (``SAVED_FIELDS`` of its ``cfg``)."""
+    return {name: getattr(model.cfg, name) for name in SAVED_FIELDS}
+
+
 def save_ordinary_transformer(model: nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``transformer.json``, ``model.safetensors`` and ``manifest.json`` into ``directory``, atomically.
 
@@ -142,7 +147,7 @@ def save_ordinary_transformer(model: nn.Module, directory: str | Path, *, overwr
             f"model is a {type(model).__name__}; only attention-only models built by ordinary_transformer (a "
             "TransformerBridge or HookedTransformer) are saved this way: save other models with their own tools"
         )
-    recipe = {"model_class": saved_as, "config": {name: getattr(model.cfg, name) for name in SAVED_FIELDS}}
+    recipe = {"model_class": saved_as, "config": ordinary_config(model)}
     with atomic_directory(directory, CHECKPOINT_KIND, overwrite=overwrite) as staging:
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, staging / WEIGHTS_FILE)

@@ -11,8 +11,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from torch import nn
+
+from ih_circuits.adapters import white_box
 from ih_circuits.checkpoint import atomic_write_text, check_output_file
 from ih_circuits.model import IHTransformer
+from ih_circuits.ordinary import ordinary_config
 from ih_circuits.probes import decomposition_test
 from ih_circuits.task import NGramTask
 from ih_circuits.training import TrainingRun
@@ -99,6 +103,14 @@ def html_page(title: str, body: str) -> str:
     )
 
 
+def _model_fields(model: nn.Module) -> dict[str, object]:
+    """The configuration table of the model: an ``IHConfig``, or an ordinary transformer's class and fields."""
+    ours = white_box(model)
+    if ours is not None:
+        return ours.config.to_dict()
+    return {"model": type(model).__name__, **ordinary_config(model)}
+
+
 def report(
     run_or_checkpoint: TrainingRun | str | Path,
     path: str | Path,
@@ -124,7 +136,9 @@ def report(
         "true parents": task.parents,
         "theory's prediction (argmax I~)": parents.predicted,
         "parents found (query-side behavioural)": parents.lags,
-        "white-box selector lags": parents.white_box_lags,
+        "white-box selector lags": (
+            "none: the model has no selector" if parents.white_box_lags is None else parents.white_box_lags
+        ),
         "decomposition verdict": decomposition.verdict,
     }
     figures = []
@@ -135,8 +149,9 @@ def report(
             ("Final shares", plot_final_shares(history)),
             ("Copier position weights", plot_copier_weights(history, model.config.lag_table)),
             ("Classifier scale a", plot_scale(history)),
-            ("Loss and excess loss over Bayes", plot_losses(history)),
         ]
+    if len(history) > 1:
+        figures.append(("Loss and excess loss over Bayes", plot_losses(history)))
     figures += [
         ("Parent probes", plot_parent_effects(parents)),
         ("Decomposition test", plot_decomposition(decomposition)),
@@ -162,7 +177,7 @@ def report(
 {figures_html(figures)}
 <h2>Configuration</h2>
 <h3>Task</h3>{_table(task.to_dict())}
-<h3>Model</h3>{_table(model.config.to_dict())}
+<h3>Model</h3>{_table(_model_fields(model))}
 <h3>Training</h3><pre>{html.escape(json.dumps(run.config.to_dict(), indent=1))}</pre>
 <p>Steps taken: {run.step}{" (interrupted)" if run.interrupted else ""}</p>
 """

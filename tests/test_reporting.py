@@ -67,6 +67,20 @@ def test_a_run_report_adds_the_training_figures(trained, tmp_path):
     assert not re.search(r"<td>\s*(nan|NaN|None)?\s*</td>", page)
 
 
+def test_an_ordinary_transformer_run_has_its_report(tmp_path):
+    """A run of kind "transformer" (as a sweep saves it) reports its model's class and fields, its losses, and
+    says it has no selector, with no blank or None cell."""
+    from ih_circuits.baselines import transformer_parts
+
+    model, task, config = transformer_parts(seq_len=41, steps=4, d_model=16, heads=2, batch_size=8, eval_size=16)
+    train(model, task, config, quiet=True).save(tmp_path / "run")
+    page = report(tmp_path / "run", tmp_path / "report.html", n_sequences=32).read_text()
+    assert "<th>model</th><td>TransformerBridge</td>" in page and "<th>n_heads</th><td>2</td>" in page
+    assert "<th>white-box selector lags</th><td>none: the model has no selector</td>" in page
+    assert "<h3>Loss and excess loss over Bayes</h3>" in page and "<h3>Selector shares</h3>" not in page
+    assert not re.search(r"<td>\s*(nan|NaN|None)?\s*</td>", page)
+
+
 def test_a_failing_model_s_report_says_failed_and_why(tmp_path):
     """Clean copiers selected on lags (1, 3) for parents (1, 2): the selector check fails, in words."""
     ih.ideal_model(small_config(), lags=(1, 3)).save_pretrained(tmp_path / "ckpt")
