@@ -67,8 +67,8 @@ class _MapLayout:
         wanted = dict(zip(self.panels, panel, strict=True))
         wanted.update({k: v for k, v in ((self.rows, row), (self.cols, col)) if k is not None})
         match = pd.Series(True, index=self.cells.index)
-        for column, value in wanted.items():
-            match &= self.cells[column] == value
+        for column, value in wanted.items():  # a value a group lacks (NaN) matches that group's cells
+            match &= self.cells[column].isna() if _missing(value) else self.cells[column] == value
         found = self.cells[match]
         return found.iloc[0] if len(found) else None
 
@@ -134,8 +134,15 @@ def _prediction_text(predicted: str) -> str:
     return _lag_text(predicted) if len(sets) == 1 else "tie " + " | ".join(_lag_text(s) for s in sets)
 
 
+def _missing(value: Any) -> bool:
+    """Whether a grid value is absent: a column of one group that another group's runs lack (NaN)."""
+    return isinstance(value, float) and math.isnan(value)
+
+
 def _value_text(column: str, value: Any) -> str:
-    """A grid value as a tick label: lag sets as ``{1,2}``, numbers as written."""
+    """A grid value as a tick label: lag sets as ``{1,2}``, numbers as written, ``-`` where a group lacks it."""
+    if _missing(value):
+        return "-"
     return f"{{{value}}}" if column == "parents" else f"{value:g}" if isinstance(value, float) else str(value)
 
 

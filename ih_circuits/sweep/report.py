@@ -11,7 +11,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -21,6 +21,9 @@ from ih_circuits.sweep.plots import agreement_summary, plot_excess_loss_map, plo
 from ih_circuits.sweep.results import agreement_rate, cell_table, disagreements
 from ih_circuits.sweep.runner import collect
 from ih_circuits.sweep.store import read_spec
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_FILE = "report.html"
 ANSWER_COLUMNS = ("predicted_lags", "selected_lags", "found_lags")
@@ -99,11 +102,27 @@ def _problems_html(results: pd.DataFrame) -> str:
     return f"<p>{len(problems) - failed} disagreeing and {failed} failed runs.</p>{table}"
 
 
+def _map_figures(results: pd.DataFrame) -> list[tuple[str, Figure]]:
+    """The theory map and the excess-loss map: of the whole grid, or one pair per group of a spec with several
+    (their grids differ, so one map of all would be mostly empty squares)."""
+    groups = list(dict.fromkeys(results["group"])) if "group" in results else [""]
+    figures = []
+    for group in groups:
+        runs = results[results["group"] == group] if len(groups) > 1 else results
+        suffix = f", group {group}" if len(groups) > 1 else ""
+        figures += [
+            (f"Theory vs practice per grid cell{suffix}", plot_theory_map(runs)),
+            (f"Excess loss over the Bayes predictor{suffix}", plot_excess_loss_map(runs)),
+        ]
+    return figures
+
+
 def sweep_report(directory: str | Path, output: str | Path | None = None) -> Path:
     """Write the HTML report of a sweep directory (default ``DIRECTORY/report.html``) and return its path.
 
     Contents: how to read it; the agreement rate (selected = predicted, over finished runs); the theory map,
-    the excess-loss map and the margin plot (``ih_circuits.sweep.plots``); the disagreeing and failed runs; the
+    the excess-loss map (one of each per group when the spec has several) and the margin plot
+    (``ih_circuits.sweep.plots``); the disagreeing and failed runs; the
     per-cell table (``cell_table``); the spec; every run (its record). Missing values are explained or left
     blank. Reads ``sweep.json`` and the run records, whose manifests are checked (a damaged record counts as a
     run not finished); the file is written atomically.
@@ -118,11 +137,7 @@ def sweep_report(directory: str | Path, output: str | Path | None = None) -> Pat
     results = collect(directory)
     cells = cell_table(results)
     finished = int((results["status"] == "ok").sum())
-    figures = [
-        ("Theory vs practice per grid cell", plot_theory_map(results)),
-        ("Excess loss over the Bayes predictor", plot_excess_loss_map(results)),
-        ("Theory margin against agreement", plot_margin(results)),
-    ]
+    figures = [*_map_figures(results), ("Theory margin against agreement", plot_margin(results))]
     everywhere = agreement_rate(results) == 1.0
     body = f"""
 <h1>Sweep report: theory vs practice</h1>

@@ -274,3 +274,20 @@ def test_ordinary_transformers_are_compared_on_their_found_lags():
     axis = heatmaps(plot_theory_map(results, cols="parents", rows="group"))[0]
     assert cell_texts(axis)[(1, 1)] == "pred 2,3\nfound 1,2,3\n0/1 seeds"
     assert marked(axis, "disagreement") == {(1, 1)}
+
+
+def test_a_map_of_several_groups_shows_every_group_s_cells():
+    """Grid columns one group lacks are NaN in the other's rows: those cells are still found and drawn (their
+    missing value labelled "-"), never left as "no run"."""
+    from ih_circuits.sweep.results import results_frame
+
+    paper = results_table({"max_degree": [1, 2]}, seeds=(0,))
+    transformers = results_table({"parents": [(1, 2)]}, seeds=(0,))
+    transformers["preset"] = "transformer"
+    paper["group"], transformers["group"] = "paper", "tf"
+    results = results_frame(pd.concat([paper, transformers]).to_dict("records"))
+    axis = heatmaps(plot_theory_map(results, cols="group", rows="max_degree"))[0]
+    assert [t.get_text() for t in axis.get_yticklabels()] == ["1", "2", "-"]
+    texts = cell_texts(axis)
+    assert texts[(0, 0)].startswith("pred 1,2\nsel") and texts[(1, 2)].startswith("pred 1,2\nfound")
+    assert texts[(1, 0)] == texts[(0, 2)] == "no run"

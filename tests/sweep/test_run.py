@@ -14,7 +14,7 @@ import pytest
 
 from ih_circuits import NGramTask, TrainingRun, theory
 from ih_circuits.probes import find_parents
-from ih_circuits.sweep import agreement_rate, cell_table, disagreements, load_results, run_sweep
+from ih_circuits.sweep import agreement_rate, cell_table, disagreements, load_results, run_sweep, sweep_report
 from ih_circuits.sweep.execute import selected_lags
 from ih_circuits.sweep.store import RECORD, RUNS
 
@@ -309,5 +309,9 @@ def test_ordinary_transformers_run_beside_the_paper_model_and_ray_gives_the_same
         found = find_parents(run.model, task, n_sequences=32, seed=0)
         assert ",".join(map(str, found.lags)) == row.found_lags
     assert cell_table(results)["compared"].tolist() == ["sel", "found", "found"]
+    page = sweep_report(tmp_path / "local").read_text(encoding="utf-8")
+    for group in ("paper", "tf"):
+        assert f"<h3>Theory vs practice per grid cell, group {group}</h3>" in page
+        assert f"<h3>Excess loss over the Bayes predictor, group {group}</h3>" in page
     ray = run_sweep(MIXED, tmp_path / "ray", backend="ray", workers=2, quiet=True)
     _same_table(results, ray)
